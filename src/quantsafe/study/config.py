@@ -1,0 +1,105 @@
+"""A study as data: models × variants × benchmarks × judges × decoding, loaded from YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from quantsafe.backends.base import DecodingConfig
+from quantsafe.errors import QuantsafeError
+from quantsafe.models.registry import DEFAULT_MODEL
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VariantSpec(_Strict):
+    """One precision of each model: `method: none` is the full-precision reference."""
+
+    method: str = "none"
+    bits: int | None = Field(None, ge=2, le=8)
+    group_size: int | None = 128
+    sym: bool = False
+    options: dict[str, Any] = {}
+    calibration: dict[str, Any] | None = None
+
+    @property
+    def is_full_precision(self) -> bool:
+        return self.method == "none"
+
+    def label(self) -> str:
+        if self.is_full_precision:
+            return "bf16"
+        g = f"-g{self.group_size}" if self.group_size else ""
+        return f"{self.method}-w{self.bits}{g}"
+
+
+class BenchmarkSpec(_Strict):
+    name: Literal["opensafetymini", "xsafety", "xstest"]
+    langs: list[str] = ["en"]
+    limit: int | None = Field(None, ge=1)
+    limit_per_scenario: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class JudgeSpec(_Strict):
+    """A judge: the paper's LLM judge (fast verdict-logit mode or full guided reasoning), or the heuristic."""
+
+    kind: Literal["llm", "heuristic", "fake"]
+    model: str = DEFAULT_MODEL
+    mode: Literal["fast", "full"] = "fast"
+    calibrate: bool = True
+    few_shot: bool = True
+    max_retries: int = Field(2, ge=0, le=10)
+    decoding: DecodingConfig = DecodingConfig(max_new_tokens=384, batch_size=4)
+
+
+class ValidationSpec(_Strict):
+    """Which human-labelled XSTest completion files measure each judge, and how many items of each."""
+
+    sets: list[str] = ["gpt4", "llama2orig", "mistralinstruct_even_ids"]
+    limit_per_set: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class StudyConfig(_Strict):
+    name: str
+    models: list[str] = [DEFAULT_MODEL]
+    variants: list[VariantSpec] = [VariantSpec()]
+    benchmarks: list[BenchmarkSpec]
+    judges: list[JudgeSpec]
+    decoding: DecodingConfig = DecodingConfig()
+    validation: ValidationSpec | None = ValidationSpec()
+    data_dir: Path | None = None
+    artifacts_dir: Path | None = None
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: field '{loc}': {first['msg']}{more}"
+
+
+def load_study(path: Path) -> StudyConfig:
+    """Parse and validate a study YAML; every problem becomes one line naming the file and field."""
+    if not path.is_file():
+        raise QuantsafeError(f"{path}: study file does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise QuantsafeError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise QuantsafeError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise QuantsafeError(f"{path}: a study must be a YAML mapping")
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise QuantsafeError(_one_line(exc, str(path))) from None
