@@ -12,7 +12,7 @@ from quantsafe import __version__
 from quantsafe.report.scores import ALL, ScoreRow
 from quantsafe.store.db import VariantRow
 
-BENCH_COLUMNS = [("xsafety", "XSafety"), ("opensafetymini", "OpenSafetyMini"), ("xstest", "XSTest (unsafe half)")]
+BENCH_COLUMNS = [("xsafety", "XSafety"), ("opensafetymini", "OpenSafetyMini")]
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -142,7 +142,7 @@ class Store:
         now = time.time()
         with self._tx() as c:
             c.executemany(
-                "INSERT OR IGNORE INTO generations VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO generations VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 [(g.variant_id, g.prompt_uid, g.decoding_id, g.benchmark, g.lang, g.scenario, g.prompt,
                   g.response, g.n_new_tokens, int(g.finished), json.dumps(g.decoding, sort_keys=True), now)
                  for g in rows],
@@ -178,7 +178,7 @@ class Store:
         now = time.time()
         with self._tx() as c:
             c.executemany(
-                "INSERT OR IGNORE INTO judgments VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO judgments VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 [(j.variant_id, j.prompt_uid, j.decoding_id, j.judge_id, j.verdict, j.mode, j.raw, j.attempts,
                   json.dumps(j.scores) if j.scores is not None else None, now) for j in rows],
             )

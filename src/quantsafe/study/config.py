@@ -39,7 +39,7 @@ class VariantSpec(_Strict):
 
 
 class BenchmarkSpec(_Strict):
-    name: Literal["opensafetymini", "xsafety", "xstest"]
+    name: Literal["opensafetymini", "xsafety"]
     langs: list[str] = ["en"]
     limit: int | None = Field(None, ge=1)
     limit_per_scenario: int | None = Field(None, ge=1)

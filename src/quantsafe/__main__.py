@@ -1,0 +1,5 @@
+"""`python -m quantsafe` runs the CLI."""
+
+from quantsafe.cli.main import main
+
+main()

@@ -1,0 +1,157 @@
+"""The `quantsafe` command line; every user error is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from quantsafe.errors import QuantsafeError
+
+app = typer.Typer(help="What does quantizing an LLM do to its safety? Quantize, generate, judge, report.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Benchmark data: check counts, download for users with internet.", no_args_is_help=True)
+models_app = typer.Typer(help="Models: list known short names, prepare (convert and cache) one.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+err = Console(stderr=True)
+
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (default: $QUANTSAFE_DATA_DIR).")]
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    study: Annotated[Path, typer.Argument(help="Study YAML (models × variants × benchmarks × judges).")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory: report.md, scores.csv, quantsafe.db.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Quantize, generate, judge and report a study; re-running resumes where it stopped."""
+    from quantsafe.study import load_study
+    from quantsafe.study.runner import run_study
+
+    cfg = load_study(study)
+    if data_dir is not None:
+        cfg = cfg.model_copy(update={"data_dir": data_dir})
+    report = run_study(cfg, out, err)
+    err.print(f"[green]report:[/] {report}")
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Argument(help="A study output directory holding quantsafe.db.")],
+    name: Annotated[str, typer.Option(help="Title of the report.")] = "study",
+) -> None:
+    """Re-write report.md and scores.csv from the store, without running any model."""
+    from quantsafe.store import Store
+    from quantsafe.study.runner import write_report
+
+    db = out / "quantsafe.db"
+    if not db.is_file():
+        _fail(f"{db}: no results database here")
+    with Store.open(db) as store:
+        err.print(f"[green]report:[/] {write_report(store, out, name)}")
+
+
+@app.command("export")
+def export_cmd(
+    out: Annotated[Path, typer.Argument(help="A study output directory holding quantsafe.db.")],
+    to: Annotated[Path | None, typer.Option("--to", help="Folder for the CSV files (default: OUT/csv).")] = None,
+) -> None:
+    """Export every table of the store to CSV."""
+    from quantsafe.store import Store, export_csv
+
+    db = out / "quantsafe.db"
+    if not db.is_file():
+        _fail(f"{db}: no results database here")
+    with Store.open(db) as store:
+        for path in export_csv(store, to or out / "csv"):
+            err.print(str(path))
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="Short name, HF directory, .gguf file or hub id.")],
+    method: Annotated[str, typer.Option(help="Quantization method (rtn, gptq, ...).")] = "gptq",
+    bits: Annotated[int, typer.Option(help="Bits per weight code, 2..8.")] = 4,
+    group_size: Annotated[int, typer.Option(help="Group size (0 = per output row).")] = 128,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    out: Annotated[Path | None, typer.Option(help="Artifacts root (default: the cache).")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Quantize one model and save the artifact (codes packed, scales, zeros, JSON config)."""
+    from quantsafe.datadir import cache_dir, resolve_data_dir
+    from quantsafe.models import resolve_model
+    from quantsafe.quantization import QuantConfig, quantize_variant
+
+    cfg = QuantConfig.model_validate({
+        "method": method, "bits": bits, "group_size": group_size or None,
+        "calibration": {"source": "wikitext2", "n_samples": calib_samples, "seq_len": calib_seq_len}})
+    art = quantize_variant(resolve_model(model), cfg, resolve_data_dir(data_dir), out or cache_dir() / "artifacts")
+    err.print(f"[green]{art.artifact_id}[/] {art.path} ({art.bits_per_weight:.3f} bits/weight)")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Known short names and where their weights come from."""
+    from quantsafe.models import DEFAULT_MODEL, KNOWN_MODELS
+
+    for spec in KNOWN_MODELS.values():
+        mark = " (default)" if spec.name == DEFAULT_MODEL else ""
+        typer.echo(f"{spec.name}{mark}: {spec.description}; original: {spec.original_hub_id}")
+
+
+@models_app.command("prepare")
+def models_prepare(model: Annotated[str, typer.Argument(help="Short name, .gguf file or hub id.")]) -> None:
+    """Verify, convert and cache a model as bf16 safetensors (done once)."""
+    from quantsafe.models import resolve_model
+
+    r = resolve_model(model)
+    typer.echo(f"{r.name}: {r.path} (source sha256 {r.source_sha256})")
+
+
+@data_app.command("check")
+def data_check(data_dir: DataDir = None) -> None:
+    """Load every benchmark and report its counts against the expected ones."""
+    from quantsafe.benchmarks import check_counts, load_opensafetymini, load_xsafety, xsafety_counts
+    from quantsafe.benchmarks import XSAFETY_LANGUAGES, load_xstest_prompts
+    from quantsafe.datadir import resolve_data_dir
+
+    root = resolve_data_dir(data_dir)
+    osm = load_opensafetymini(root)
+    typer.echo(f"OpenSafetyMini: {len(osm)} prompts (expected 1067)")
+    for warning in check_counts(osm):
+        typer.echo(f"  warning: {warning}")
+    xs = load_xsafety(root, langs=XSAFETY_LANGUAGES)
+    for lang, per_scenario in sorted(xsafety_counts(xs).items()):
+        typer.echo(f"XSafety {lang}: {sum(per_scenario.values())} prompts in {len(per_scenario)} scenarios "
+                   "(expected 2800 in 14)")
+    typer.echo(f"XSTest: {len(load_xstest_prompts(root))} prompts (expected 450)")
+
+
+@data_app.command("download")
+def data_download(
+    dest: Annotated[Path | None, typer.Option(help="Target folder (default: the cache's data folder).")] = None,
+) -> None:
+    """Fetch the official benchmark files (needs internet) into a data directory."""
+    from quantsafe.benchmarks import download_data
+    from quantsafe.datadir import cache_dir
+
+    typer.echo(str(download_data(dest or cache_dir() / "data")))
+
+
+def main() -> None:
+    """Entry point: turn user errors into one line and exit 2, never a traceback."""
+    try:
+        app()  # standalone: click prints its own usage errors (exit 2) and handles Ctrl-C
+    except QuantsafeError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,39 @@
+from pathlib import Path
+
+import pytest
+
+from quantsafe.errors import QuantsafeError
+from quantsafe.study import load_study
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_demo_study_parses() -> None:
+    cfg = load_study(REPO / "studies" / "demo.yaml")
+    assert [v.label() for v in cfg.variants] == ["bf16", "gptq-w4-g64", "rtn-w2-g64", "gptq-w2-g64"]
+    assert {j.kind for j in cfg.judges} == {"llm", "heuristic"}
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("name: x\nbenchmarks: []\njudges: []\nbogus: 1\n", "field 'bogus'"),
+    ("name: x\nbenchmarks: [{name: opensafetymini}]\njudges: [{kind: llm}]\nvariants: [{method: rtn, bits: 9}]\n",
+     "field 'variants.0.bits'"),
+    ("name: x\nbenchmarks: [{name: nope}]\njudges: []\n", "field 'benchmarks.0.name'"),
+    ("name: [unclosed\n", "invalid YAML"),
+    ("- just a list\n", "must be a YAML mapping"),
+])
+def test_bad_study_is_one_clear_line(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(QuantsafeError) as exc:
+        load_study(path)
+    assert needle in str(exc.value) and str(path) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_non_utf8_and_missing(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(QuantsafeError, match="not UTF-8"):
+        load_study(path)
+    with pytest.raises(QuantsafeError, match="does not exist"):
+        load_study(tmp_path / "missing.yaml")
