@@ -1,0 +1,45 @@
+"""Weight quantization: configs as data, one module per method, sequential calibration, artifacts."""
+
+from quantsafe.quantization import gptq as _gptq  # noqa: F401  (registers "gptq")
+from quantsafe.quantization import rtn as _rtn  # noqa: F401  (registers "rtn")
+from quantsafe.quantization.artifact import (
+    QuantizedArtifact,
+    effective_bits_per_weight,
+    load_quantized,
+    quantize_variant,
+)
+from quantsafe.quantization.base import (
+    LayerStats,
+    Quantizer,
+    QuantResult,
+    get_quantizer_class,
+    known_methods,
+    layer_storage_bits,
+    make_quantizer,
+    register_quantizer,
+)
+from quantsafe.quantization.calibration import CalibrationSet, build_calibration
+from quantsafe.quantization.config import CalibrationConfig, QuantConfig
+from quantsafe.quantization.perplexity import PerplexityResult, perplexity, wikitext2_perplexity
+
+__all__ = [
+    "CalibrationConfig",
+    "CalibrationSet",
+    "LayerStats",
+    "PerplexityResult",
+    "QuantConfig",
+    "QuantResult",
+    "QuantizedArtifact",
+    "Quantizer",
+    "build_calibration",
+    "effective_bits_per_weight",
+    "get_quantizer_class",
+    "known_methods",
+    "layer_storage_bits",
+    "load_quantized",
+    "make_quantizer",
+    "perplexity",
+    "quantize_variant",
+    "register_quantizer",
+    "wikitext2_perplexity",
+]

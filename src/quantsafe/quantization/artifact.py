@@ -1,0 +1,278 @@
+"""Quantized artifacts on disk: packed codes + fp16 scales in safetensors, a typed manifest, atomic writes.
+
+Layout of `<out_root>/<model>-<method>-w<bits>[g<size>]-<artifact_id>/`:
+- `model.safetensors`: for each quantized Linear `<name>.qweight` (bit-packed uint8 codes), `<name>.scales`
+  (fp16 [rows, groups]), `<name>.qzeros` (bit-packed zeros, asymmetric only), `<name>.g_idx` (int32, act-order
+  only); every other tensor (embeddings, norms, lm_head, biases) in bf16.
+- `config.json`, `generation_config.json`, tokenizer files: the base model's, unchanged.
+- `quant_config.json`: the `QuantizedArtifact` manifest (config, provenance, per-layer shapes, losses, bpw).
+The directory appears only by an atomic rename of a finished temporary one: a killed run leaves no artifact.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+
+from quantsafe.errors import QuantsafeError
+from quantsafe.hashing import stable_hash
+from quantsafe.models import ResolvedModel, load_model
+from quantsafe.quantization.base import QuantResult, make_quantizer
+from quantsafe.quantization.calibration import build_calibration
+from quantsafe.quantization.config import QuantConfig
+from quantsafe.quantization.packing import pack_codes, unpack_codes
+from quantsafe.quantization.sequential import Progress, quantize_decoder_blocks
+
+SCHEMA_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "quant_config.json"
+SCOPE = (
+    "every nn.Linear inside the decoder blocks (attention and MLP projections); embeddings, norms, lm_head "
+    "and biases stay bf16. bits_per_weight counts codes + fp16 scales + zeros + g_idx over the quantized "
+    "Linears only."
+)
+
+
+class LayerRecord(BaseModel):
+    """How one Linear was stored, and the method's loss on it."""
+
+    shape: tuple[int, int]
+    bits: int
+    group_size: int | None
+    sym: bool
+    g_idx: bool
+    storage_bits: int
+    loss: float | None
+
+
+class QuantizedArtifact(BaseModel):
+    """The manifest written as quant_config.json; `path` and `reused` describe this run and are not stored."""
+
+    schema_version: int = SCHEMA_VERSION
+    artifact_id: str
+    config: QuantConfig
+    base_model: str
+    base_source_sha256: str
+    calibration: dict[str, Any] | None
+    scope: str = SCOPE
+    bits_per_weight: float
+    n_quantized_weights: int
+    layers: dict[str, LayerRecord]
+    aliases: dict[str, str] = Field(default_factory=dict)  # tied tensor name → the name it is stored under
+    versions: dict[str, str]
+    seconds: float  # wall time: load + calibration + quantization + writing the weights
+    created_utc: str
+    path: Path = Field(Path(), exclude=True)
+    reused: bool = Field(False, exclude=True)
+
+
+def effective_bits_per_weight(results: dict[str, QuantResult]) -> float:
+    """Stored bits (codes + scales + zeros + g_idx) per weight, quantized Linears only (algorithms.md §8)."""
+    weights = sum(r.shape[0] * r.shape[1] for r in results.values())
+    return sum(r.storage_bits() for r in results.values()) / weights if weights else 0.0
+
+
+def compute_artifact_id(base_sha256: str, config: QuantConfig, calibration_key: str | None) -> str:
+    """Content address of an artifact: base weights, full config, and the calibration tokens' sha256."""
+    return stable_hash({"base": base_sha256, "config": config, "calibration": calibration_key})
+
+
+def _dir_name(model: str, config: QuantConfig, artifact_id: str) -> str:
+    group = f"g{config.group_size}" if config.group_size else "row"
+    return f"{model}-{config.method}-w{config.bits}{group}-{artifact_id}"
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from quantsafe import __version__ as quantsafe_version
+
+    return {
+        "quantsafe": str(quantsafe_version),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def read_manifest(path: Path) -> QuantizedArtifact:
+    """The manifest of an artifact directory."""
+    manifest = Path(path) / MANIFEST_FILE
+    if not manifest.is_file():
+        raise QuantsafeError(f"{path}: not a quantsafe artifact (no {MANIFEST_FILE})")
+    artifact = QuantizedArtifact.model_validate_json(manifest.read_text(encoding="utf-8"))
+    artifact.path = Path(path)
+    return artifact
+
+
+def quantize_variant(
+    resolved: ResolvedModel,
+    config: QuantConfig,
+    data_dir: Path | None,
+    out_root: Path,
+    *,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> QuantizedArtifact:
+    """Quantize `resolved` as `config` says and save it under `out_root`, or reuse the one found there."""
+    start = time.perf_counter()
+    model, tokenizer = load_model(resolved)
+    calibration = None
+    calibration_key = None
+    if config.calibration is not None:
+        if config.calibration.source == "self_generated":
+            # The tokens are a function of the base model and the calibration config, both already in the ID;
+            # hashing them would mean generating them just to find out the artifact exists.
+            calibration_key = "self_generated"
+        else:
+            calibration = build_calibration(config.calibration, tokenizer, data_dir, model)
+            calibration_key = calibration.token_sha256
+    artifact_id = compute_artifact_id(resolved.source_sha256, config, calibration_key)
+    final = Path(out_root) / _dir_name(resolved.name, config, artifact_id)
+    if (final / MANIFEST_FILE).is_file():
+        artifact = read_manifest(final)
+        artifact.reused = True
+        return artifact
+    if config.calibration is not None and calibration is None:
+        calibration = build_calibration(config.calibration, tokenizer, data_dir, model)
+
+    torch.manual_seed(config.seed)
+    quantizer = make_quantizer(config)
+    results = quantize_decoder_blocks(
+        model, quantizer, calibration.tokens if calibration else None, batch_size, progress
+    )
+    artifact = QuantizedArtifact(
+        artifact_id=artifact_id,
+        config=config,
+        base_model=resolved.name,
+        base_source_sha256=resolved.source_sha256,
+        calibration=calibration.record() if calibration else None,
+        bits_per_weight=effective_bits_per_weight(results),
+        n_quantized_weights=sum(r.shape[0] * r.shape[1] for r in results.values()),
+        layers={name: _layer_record(r) for name, r in results.items()},
+        versions=_versions(),
+        seconds=0.0,
+        created_utc=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    return _write_atomically(final, model, tokenizer, results, artifact, start)
+
+
+def _layer_record(r: QuantResult) -> LayerRecord:
+    return LayerRecord(
+        shape=r.shape,
+        bits=r.bits,
+        group_size=r.group_size,
+        sym=r.zeros is None,
+        g_idx=r.g_idx is not None,
+        storage_bits=r.storage_bits(),
+        loss=r.loss,
+    )
+
+
+def _tensors_to_save(
+    model: Any, results: dict[str, QuantResult]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, r in results.items():
+        tensors[f"{name}.qweight"] = pack_codes(r.codes, r.bits)
+        tensors[f"{name}.scales"] = r.scales.contiguous()
+        if r.zeros is not None:
+            tensors[f"{name}.qzeros"] = pack_codes(r.zeros, r.bits)
+        if r.g_idx is not None:
+            tensors[f"{name}.g_idx"] = r.g_idx.contiguous()
+    quantized = {f"{name}.weight" for name in results}
+    aliases: dict[str, str] = {}
+    stored_by_ptr: dict[int, str] = {}
+    for key, value in model.state_dict().items():
+        if key in quantized:
+            continue
+        ptr = value.data_ptr()
+        if ptr in stored_by_ptr:  # tied weights (SmolLM2's lm_head is its embedding)
+            aliases[key] = stored_by_ptr[ptr]
+            continue
+        stored_by_ptr[ptr] = key
+        tensors[key] = (value.to(torch.bfloat16) if value.is_floating_point() else value).contiguous()
+    return tensors, aliases
+
+
+def _write_atomically(
+    final: Path,
+    model: Any,
+    tokenizer: Any,
+    results: dict[str, QuantResult],
+    artifact: QuantizedArtifact,
+    start: float,
+) -> QuantizedArtifact:
+    from safetensors.torch import save_file
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tensors, artifact.aliases = _tensors_to_save(model, results)
+        save_file(
+            tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "quantsafe", "schema": str(SCHEMA_VERSION)}
+        )
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        artifact.seconds = round(time.perf_counter() - start, 2)
+        (tmp / MANIFEST_FILE).write_text(artifact.model_dump_json(indent=2), encoding="utf-8")
+        try:
+            tmp.rename(final)
+        except OSError:  # another process finished the same artifact first; theirs is equally valid
+            if not (final / MANIFEST_FILE).is_file():
+                raise
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    artifact.path = final
+    return artifact
+
+
+def load_quantized(path: Path | str) -> tuple[Any, Any]:
+    """Load an artifact as a bf16 Hugging Face model (weights dequantized) and its tokenizer."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    path = Path(path)
+    artifact = read_manifest(path)
+    stored = load_file(str(path / WEIGHTS_FILE))
+    state: dict[str, torch.Tensor] = {}
+    for name, rec in artifact.layers.items():
+        result = QuantResult(
+            codes=unpack_codes(stored.pop(f"{name}.qweight"), rec.bits, rec.shape),
+            scales=stored.pop(f"{name}.scales"),
+            zeros=None
+            if rec.sym
+            else unpack_codes(stored.pop(f"{name}.qzeros"), rec.bits, _groups_shape(rec)),
+            bits=rec.bits,
+            group_size=rec.group_size,
+            g_idx=stored.pop(f"{name}.g_idx") if rec.g_idx else None,
+        )
+        state[f"{name}.weight"] = result.dequantize(torch.bfloat16)
+    state |= stored
+    for alias, target in artifact.aliases.items():
+        state[alias] = state[target]
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), dtype=torch.bfloat16)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise QuantsafeError(
+            f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    return model.eval(), AutoTokenizer.from_pretrained(str(path))
+
+
+def _groups_shape(rec: LayerRecord) -> tuple[int, int]:
+    rows, cols = rec.shape
+    return (rows, 1 if rec.group_size is None else -(-cols // rec.group_size))
