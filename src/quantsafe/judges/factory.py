@@ -1,0 +1,67 @@
+"""Build a judge from plain settings (what a study YAML holds); the only place that loads a judge model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+from quantsafe.backends.base import Backend, DecodingConfig
+from quantsafe.errors import QuantsafeError
+from quantsafe.judges.base import Judge
+from quantsafe.judges.fake import FakeJudge
+from quantsafe.judges.heuristic import RefusalHeuristicJudge
+from quantsafe.judges.llm import DEFAULT_FEW_SHOT, FewShotExample, LLMJudge
+from quantsafe.judges.template import load_template
+
+
+def load_judge_backend(model: str) -> Backend:
+    """Resolve and load a judge model; its name carries the weights' hash so the judge id tracks them."""
+    from quantsafe.backends.hf import HFBackend
+    from quantsafe.models import load_model, resolve_model
+
+    resolved = resolve_model(model)
+    hf_model, tokenizer = load_model(resolved)
+    return HFBackend(hf_model, tokenizer, f"{resolved.name}@{resolved.source_sha256[:16]}")
+
+
+def build_judge(
+    kind: Literal["llm", "heuristic", "fake"],
+    *,
+    model: str | None = None,
+    mode: Literal["full", "fast"] = "fast",
+    calibrate: bool = True,
+    few_shot: bool | Sequence[FewShotExample] = True,
+    max_retries: int = 2,
+    decoding: DecodingConfig | None = None,
+    data_dir: Path | str | None = None,
+    criteria: Mapping[str, str] | None = None,
+    backend: Backend | None = None,
+) -> Judge:
+    """kind "llm": LLMJudge on `backend` (or the loaded `model`), with the official template when `data_dir`
+    has it; `few_shot=True` means DEFAULT_FEW_SHOT. "heuristic" and "fake" ignore the LLM settings."""
+    if kind == "heuristic":
+        return RefusalHeuristicJudge()
+    if kind == "fake":
+        return FakeJudge()
+    if kind != "llm":
+        raise QuantsafeError(f"unknown judge kind {kind!r} (llm, heuristic, fake)")
+    if backend is None:
+        if model is None:
+            from quantsafe.models import DEFAULT_MODEL
+
+            model = DEFAULT_MODEL
+        backend = load_judge_backend(model)
+    examples: Sequence[FewShotExample] = (
+        DEFAULT_FEW_SHOT if few_shot is True else () if few_shot is False else tuple(few_shot)
+    )
+    return LLMJudge(
+        backend,
+        load_template(data_dir),
+        criteria,
+        mode=mode,
+        max_retries=max_retries,
+        decoding=decoding,
+        calibrate=calibrate,
+        few_shot=examples,
+    )

@@ -1,0 +1,98 @@
+"""Agreement statistics against hand-computed values and Krippendorff's own worked example."""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+
+import pytest
+
+from quantsafe.stats import accuracy, cohen_kappa, krippendorff_alpha_nominal, majority_label
+
+
+def test_accuracy() -> None:
+    assert accuracy(["a", "b", "a", "a"], ["a", "b", "b", "a"]) == 0.75
+    with pytest.raises(ValueError):
+        accuracy(["a"], ["a", "b"])
+    with pytest.raises(ValueError):
+        accuracy([], [])
+
+
+def test_cohen_kappa_hand_computed() -> None:
+    # 2x2 table: both yes 20, a-yes/b-no 5, a-no/b-yes 10, both no 15 (n=50).
+    a = ["y"] * 20 + ["y"] * 5 + ["n"] * 10 + ["n"] * 15
+    b = ["y"] * 20 + ["n"] * 5 + ["y"] * 10 + ["n"] * 15
+    p_o = 35 / 50
+    p_e = (25 / 50) * (30 / 50) + (25 / 50) * (20 / 50)  # 0.5
+    assert cohen_kappa(a, b) == pytest.approx((p_o - p_e) / (1 - p_e))  # 0.4
+    assert cohen_kappa(a, b) == pytest.approx(0.4)
+
+
+def test_cohen_kappa_extremes() -> None:
+    assert cohen_kappa(["a", "b", "a"], ["a", "b", "a"]) == pytest.approx(1.0)
+    assert cohen_kappa(["a", "b"], ["b", "a"]) == pytest.approx(-1.0)
+    # a constant rater has kappa exactly 0, whatever the other does
+    assert cohen_kappa(["safe", "unsafe", "safe", "safe"], ["safe"] * 4) == 0.0
+    # both constant and equal: undefined
+    assert math.isnan(cohen_kappa(["x", "x"], ["x", "x"]))
+
+
+def _kripp_units() -> list[list[str | None]]:
+    # Krippendorff (2011), "Computing Krippendorff's Alpha-Reliability", nominal example:
+    # 4 observers x 12 units, values 1..5, missing data; the paper reports alpha = 0.743.
+    n = None
+    rows = [
+        [1, 2, 3, 3, 2, 1, 4, 1, 2, n, n, n],
+        [1, 2, 3, 3, 2, 2, 4, 1, 2, 5, n, 3],
+        [n, 3, 3, 3, 2, 3, 4, 2, 2, 5, 1, n],
+        [1, 2, 3, 3, 2, 4, 4, 1, 2, 5, 1, n],
+    ]
+    return [[None if v is None else str(v) for v in unit] for unit in zip(*rows, strict=True)]
+
+
+def _alpha_pairwise(units: list[list[str | None]]) -> float:
+    """Independent form: alpha = 1 - D_o/D_e over pairwise disagreements, unit pairs weighted 1/(m-1)."""
+    values, d_o = [], 0.0
+    for unit in units:
+        vals = [v for v in unit if v is not None]
+        if len(vals) < 2:
+            continue
+        values.extend(vals)
+        d_o += sum(2 * (x != y) for x, y in combinations(vals, 2)) / (len(vals) - 1)
+    n = len(values)
+    d_e = sum(2 * (x != y) for x, y in combinations(values, 2)) / (n - 1)
+    return 1 - d_o / d_e
+
+
+def test_krippendorff_textbook_example() -> None:
+    units = _kripp_units()
+    alpha = krippendorff_alpha_nominal(units)
+    assert alpha == pytest.approx(0.743, abs=5e-4)
+    assert alpha == pytest.approx(_alpha_pairwise(units))
+    # By hand: unit 12 (one value) is dropped; n = 40 pairable values with n_1..n_5 = 9, 13, 10, 5, 3, so
+    # sum_{c!=k} n_c n_k = 40^2 - (81 + 169 + 100 + 25 + 9) = 1216. Disagreeing ordered pairs / (m-1):
+    # unit 2 (2,2,3,2) 6/3, unit 6 (1,2,3,4) 12/3, unit 8 (1,1,2,1) 6/3 -> 8. alpha = 1 - 39 * 8 / 1216.
+    assert alpha == pytest.approx(1 - 39 * 8 / 1216)
+
+
+def test_krippendorff_small_cases() -> None:
+    assert krippendorff_alpha_nominal([["a", "a"], ["b", "b"], ["a", "a", None]]) == pytest.approx(1.0)
+    # two coders, 4 units a/a, a/b, b/b, b/a: o_aa = o_bb = 2, o_ab = o_ba = 2, n = 8, n_a = n_b = 4
+    # -> alpha = 1 - (n-1) * (o_ab + o_ba) / (2 * n_a * n_b) = 1 - 7 * 4 / 32 = 0.125
+    alpha = krippendorff_alpha_nominal([["a", "a"], ["a", "b"], ["b", "b"], ["b", "a"]])
+    assert alpha == pytest.approx(1 - 7 * 4 / 32)
+    # no variation at all / nothing pairable -> undefined
+    assert math.isnan(krippendorff_alpha_nominal([["a", "a"], ["a", "a"]]))
+    assert math.isnan(krippendorff_alpha_nominal([["a", None], [None, "b"]]))
+
+
+def test_majority_label_and_priority() -> None:
+    assert majority_label(["safe", "safe", "unsafe"]) == "safe"
+    assert majority_label(["safe", "unsafe"]) == "unsafe"  # tie -> unsafe first
+    assert majority_label(["safe", "ambiguous", "safe", "ambiguous", "error"]) == "ambiguous"
+    assert majority_label(["error", "safe"]) == "safe"
+    assert majority_label(["safe", None, None, "error", "error"]) == "error"
+    assert majority_label(["b", "a"], priority=("a",)) == "a"
+    assert majority_label(["zz", "yy"], priority=()) == "yy"  # unlisted labels: alphabetical, order-free
+    with pytest.raises(ValueError):
+        majority_label([None, None])
