@@ -16,12 +16,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info  # noqa: E402
-
-from quantsafe.backends import DecodingConfig  # noqa: E402
-from quantsafe.backends.hf import HFBackend  # noqa: E402
-from quantsafe.benchmarks import load_benchmark  # noqa: E402
-from quantsafe.models import DEFAULT_MODEL, load_model, resolve_model  # noqa: E402
+from _machine import machine_info
+from quantsafe.backends import DecodingConfig
+from quantsafe.backends.hf import HFBackend
+from quantsafe.benchmarks import load_benchmark
+from quantsafe.models import DEFAULT_MODEL, load_model, resolve_model
 
 OUT = Path(__file__).resolve().parent / "results" / "generation.json"
 

@@ -34,4 +34,4 @@ def test_next_token_logprobs_are_log_probabilities(backend: HFBackend) -> None:
     assert len(out) == 2 and all(set(d) == {"Yes", "No"} for d in out)
     assert all(v < 0 for d in out for v in d.values())
     with pytest.raises(ValueError, match="share a first token"):
-        backend.candidate_token_ids(["safe", "safety"])
+        backend.candidate_token_ids(["Yes", "Yes"])

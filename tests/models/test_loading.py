@@ -24,5 +24,5 @@ def test_bad_reference_is_clear(ref: str) -> None:
 
 
 def test_directory_without_config(tmp_path: Path) -> None:
-    with pytest.raises(QuantsafeError, match="no config.json"):
+    with pytest.raises(QuantsafeError, match=r"no config\.json"):
         resolve_model(str(tmp_path))

@@ -121,8 +121,14 @@ def models_prepare(model: Annotated[str, typer.Argument(help="Short name, .gguf 
 @data_app.command("check")
 def data_check(data_dir: DataDir = None) -> None:
     """Load every benchmark and report its counts against the expected ones."""
-    from quantsafe.benchmarks import check_counts, load_opensafetymini, load_xsafety, xsafety_counts
-    from quantsafe.benchmarks import XSAFETY_LANGUAGES, load_xstest_prompts
+    from quantsafe.benchmarks import (
+        XSAFETY_LANGUAGES,
+        check_counts,
+        load_opensafetymini,
+        load_xsafety,
+        load_xstest_prompts,
+        xsafety_counts,
+    )
     from quantsafe.datadir import resolve_data_dir
 
     root = resolve_data_dir(data_dir)

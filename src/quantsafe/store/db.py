@@ -85,6 +85,11 @@ class JudgmentRow(BaseModel):
     scores: dict[str, float] | None = None
 
 
+def _columns(row: sqlite3.Row, json_column: str) -> dict[str, Any]:
+    """A row's plain columns (the JSON column is decoded by the caller, the timestamp is dropped)."""
+    return {k: row[k] for k in row.keys() if k not in (json_column, "created")}  # noqa: SIM118 (Row, not dict)
+
+
 class Store:
     """A results database; open with `Store.open(path)` (creates it) and close when done."""
 
@@ -130,8 +135,7 @@ class Store:
 
     def variants(self) -> list[VariantRow]:
         rows = self.conn.execute("SELECT * FROM variants ORDER BY created").fetchall()
-        return [VariantRow(**{k: r[k] for k in r.keys() if k not in ("config_json", "created")},
-                           config=json.loads(r["config_json"])) for r in rows]
+        return [VariantRow(**_columns(r, "config_json"), config=json.loads(r["config_json"])) for r in rows]
 
     def done_generations(self, variant_id: str, decoding_id: str) -> set[str]:
         rows = self.conn.execute("SELECT prompt_uid FROM generations WHERE variant_id=? AND decoding_id=?",
@@ -154,8 +158,7 @@ class Store:
                                  (variant_id, decoding_id)).fetchall()
         wanted = set(prompt_uids) if prompt_uids is not None else None
         return [
-            GenerationRow(**{k: r[k] for k in r.keys() if k not in ("decoding_json", "created")},
-                          decoding=json.loads(r["decoding_json"]))
+            GenerationRow(**_columns(r, "decoding_json"), decoding=json.loads(r["decoding_json"]))
             for r in rows if wanted is None or r["prompt_uid"] in wanted
         ]
 
@@ -200,7 +203,8 @@ class Store:
                       (judge_id, set_name, mapping, json.dumps(row, sort_keys=True)))
 
     def agreement(self, judge_id: str | None = None) -> list[dict[str, Any]]:
-        sql, args = "SELECT * FROM agreement", ()
+        sql = "SELECT * FROM agreement"
+        args: tuple[str, ...] = ()
         if judge_id is not None:
             sql, args = sql + " WHERE judge_id=?", (judge_id,)
         return [json.loads(r["row_json"]) | {"judge_id": r["judge_id"]} for r in self.conn.execute(sql, args)]

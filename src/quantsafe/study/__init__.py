@@ -1,5 +1,12 @@
 """Studies: one YAML that quantizes, generates, judges and reports."""
 
-from quantsafe.study.config import BenchmarkSpec, JudgeSpec, StudyConfig, ValidationSpec, VariantSpec, load_study
+from quantsafe.study.config import (
+    BenchmarkSpec,
+    JudgeSpec,
+    StudyConfig,
+    ValidationSpec,
+    VariantSpec,
+    load_study,
+)
 
 __all__ = ["BenchmarkSpec", "JudgeSpec", "StudyConfig", "ValidationSpec", "VariantSpec", "load_study"]

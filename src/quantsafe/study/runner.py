@@ -17,14 +17,14 @@ from quantsafe.benchmarks import Prompt, load_benchmark, load_criteria
 from quantsafe.datadir import cache_dir, resolve_data_dir
 from quantsafe.errors import QuantsafeError
 from quantsafe.hashing import stable_hash
+from quantsafe.judges import validate_judge
 from quantsafe.judges.base import Judge, JudgeItem
 from quantsafe.judges.factory import build_judge
-from quantsafe.judges.validation import validate_judge
 from quantsafe.models import ResolvedModel, load_model, resolve_model
 from quantsafe.quantization import QuantConfig, load_quantized, quantize_variant
 from quantsafe.report import compute_scores, render_report, scores_csv
 from quantsafe.store import GenerationRow, JudgmentRow, Store, VariantRow, atomic_write_text
-from quantsafe.study.config import JudgeSpec, StudyConfig, VariantSpec
+from quantsafe.study.config import StudyConfig, ValidationSpec, VariantSpec
 
 CHUNK = 32  # generations/judgments committed per transaction: what a kill can cost at most
 
@@ -149,24 +149,29 @@ def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None) -
                 _generate(store, row, loader, prompts, cfg.decoding, console)
         judge_ids = []
         for jspec in cfg.judges:
-            judge = _build(jspec, data_dir, criteria)
+            judge = build_judge(jspec.kind, model=jspec.model, mode=jspec.mode, calibrate=jspec.calibrate,
+                                few_shot=jspec.few_shot, max_retries=jspec.max_retries, decoding=jspec.decoding,
+                                data_dir=data_dir, criteria=criteria)
             judge_ids.append(judge.judge_id)
             store.upsert_judge(judge.judge_id, jspec.kind, judge.mode, jspec.model_dump(mode="json"))
             _judge_all(store, judge, variants, prompts, cfg.decoding, criteria, console)
             if cfg.validation is not None:
-                done = {(a["set"], a["mapping"]) for a in store.agreement(judge.judge_id)}
-                for row_ in validate_judge(judge, data_dir, cfg.validation.sets, cfg.validation.limit_per_set,
-                                           cfg.validation.seed, skip=done):
-                    store.put_agreement(judge.judge_id, row_.set, row_.mapping, row_.model_dump(mode="json"))
+                _validate(store, judge, data_dir, cfg.validation, console)
             del judge
             gc.collect()
         return write_report(store, out_dir, cfg.name, variants, judge_ids, models_meta, cfg.decoding)
 
 
-def _build(spec: JudgeSpec, data_dir: Path, criteria: dict[str, str]) -> Judge:
-    return build_judge(spec.kind, model=spec.model, mode=spec.mode, calibrate=spec.calibrate,
-                       few_shot=spec.few_shot, max_retries=spec.max_retries, decoding=spec.decoding,
-                       data_dir=data_dir, criteria=criteria)
+def _validate(store: Store, judge: Judge, data_dir: Path, spec: ValidationSpec, console: Console) -> None:
+    """Measure the judge against people once per (set, mapping, sample); cached in the store."""
+    sample = stable_hash(spec)
+    done = {(a["set"], a["mapping"]) for a in store.agreement(judge.judge_id) if a.get("sample") == sample}
+    if len(done) == len(spec.sets) * 2:
+        return
+    console.print(f"validate judge {judge.mode} `{judge.judge_id[:8]}` on human-labelled XSTest completions "
+                  f"({', '.join(spec.sets)}; up to {spec.limit_per_set or 'all'} items each)")
+    for row in validate_judge(judge, data_dir, spec.sets, spec.limit_per_set, spec.seed, skip=done):
+        store.put_agreement(judge.judge_id, row.set, row.mapping, row.model_dump(mode="json") | {"sample": sample})
 
 
 def write_report(store: Store, out_dir: Path, name: str, variants: Sequence[VariantRow] | None = None,
