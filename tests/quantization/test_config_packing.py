@@ -24,7 +24,12 @@ def test_pack_unpack_round_trip(bits: int, shape: tuple[int, int]) -> None:
 
 def test_packing_is_exactly_b_bits() -> None:
     assert packed_size(896 * 896, 3) * 8 == 896 * 896 * 3
-    assert packed_size(8, 3) == 3 and packed_size(4, 2) == 1 and packed_size(2, 4) == 1
+    assert packed_size(8, 3) == 3 and packed_size(4, 2) == 1 and packed_size(2, 4) == 1 and packed_size(3, 3) == 2
+
+
+def test_packed_layout_is_a_little_endian_bit_stream() -> None:
+    # codes 1, 2, 3 at 3 bits: bits 100 010 110 (LSB first) -> byte 0b11010001, then 0b0
+    assert pack_codes(torch.tensor([1, 2, 3]), 3).tolist() == [0b11010001, 0]
 
 
 def test_pack_rejects_out_of_range_codes() -> None:
@@ -48,9 +53,7 @@ def test_pack_rejects_out_of_range_codes() -> None:
 def test_bits_per_weight_matches_reference_table(
     rows: int, cols: int, bits: int, group: int | None, sym: bool, g_idx: bool, expected: float
 ) -> None:
-    assert layer_storage_bits(rows, cols, bits, group, sym, g_idx) / (rows * cols) == pytest.approx(
-        expected, abs=1e-3
-    )
+    assert layer_storage_bits(rows, cols, bits, group, sym, g_idx) / (rows * cols) == pytest.approx(expected, abs=1e-3)
 
 
 def test_effective_bpw_of_results() -> None:

@@ -76,9 +76,7 @@ def test_gptq_act_order_groups_round_trip_through_g_idx() -> None:
     assert (r.dequantize() - w).abs().max() < 8 * step.max()
     # and a column's code is its own group's rounding: re-quantizing the dequantized weight is a fixed point
     idx = r.g_idx.long()
-    requant = torch.clamp(
-        torch.round(r.dequantize() / r.scales.float()[:, idx]) + r.zero_points()[:, idx], 0, 15
-    )
+    requant = torch.clamp(torch.round(r.dequantize() / r.scales.float()[:, idx]) + r.zero_points()[:, idx], 0, 15)
     assert torch.equal(requant.to(torch.uint8), r.codes)
 
 

@@ -15,6 +15,7 @@ import datetime as _dt
 import os
 import shutil
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -175,9 +176,7 @@ def _layer_record(r: QuantResult) -> LayerRecord:
     )
 
 
-def _tensors_to_save(
-    model: Any, results: dict[str, QuantResult]
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _tensors_to_save(model: Any, results: dict[str, QuantResult]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors: dict[str, torch.Tensor] = {}
     for name, r in results.items():
         tensors[f"{name}.qweight"] = pack_codes(r.codes, r.bits)
@@ -217,9 +216,7 @@ def _write_atomically(
     tmp.mkdir()
     try:
         tensors, artifact.aliases = _tensors_to_save(model, results)
-        save_file(
-            tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "quantsafe", "schema": str(SCHEMA_VERSION)}
-        )
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "quantsafe", "schema": str(SCHEMA_VERSION)})
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -251,9 +248,7 @@ def load_quantized(path: Path | str) -> tuple[Any, Any]:
         result = QuantResult(
             codes=unpack_codes(stored.pop(f"{name}.qweight"), rec.bits, rec.shape),
             scales=stored.pop(f"{name}.scales"),
-            zeros=None
-            if rec.sym
-            else unpack_codes(stored.pop(f"{name}.qzeros"), rec.bits, _groups_shape(rec)),
+            zeros=None if rec.sym else unpack_codes(stored.pop(f"{name}.qzeros"), rec.bits, _groups_shape(rec)),
             bits=rec.bits,
             group_size=rec.group_size,
             g_idx=stored.pop(f"{name}.g_idx") if rec.g_idx else None,
@@ -262,7 +257,8 @@ def load_quantized(path: Path | str) -> tuple[Any, Any]:
     state |= stored
     for alias, target in artifact.aliases.items():
         state[alias] = state[target]
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), dtype=torch.bfloat16)
+    with _skip_init():  # every weight is overwritten below; random init of 0.5B params costs seconds
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), dtype=torch.bfloat16)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise QuantsafeError(
@@ -271,6 +267,14 @@ def load_quantized(path: Path | str) -> tuple[Any, Any]:
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(path))
     return model.eval(), AutoTokenizer.from_pretrained(str(path))
+
+
+def _skip_init() -> AbstractContextManager[Any]:
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # not a public API; without it loading is only slower
+        return nullcontext()
+    return no_init_weights()
 
 
 def _groups_shape(rec: LayerRecord) -> tuple[int, int]:

@@ -24,9 +24,7 @@ SCALE_BITS = 16  # scales are stored as fp16
 G_IDX_BITS = 32  # act-order group index, int32 per input column
 
 
-def layer_storage_bits(
-    rows: int, cols: int, bits: int, group_size: int | None, sym: bool, g_idx: bool
-) -> int:
+def layer_storage_bits(rows: int, cols: int, bits: int, group_size: int | None, sym: bool, g_idx: bool) -> int:
     """Bits stored for one quantized matrix: codes + fp16 scales + b-bit zeros (asymmetric) + int32 g_idx.
 
     This is the accounting of algorithms.md §8; biases are not counted (they stay bf16, like in the papers).
@@ -85,9 +83,7 @@ class QuantResult:
     def storage_bits(self) -> int:
         """Bits this result takes on disk (see `layer_storage_bits`)."""
         rows, cols = self.shape
-        return layer_storage_bits(
-            rows, cols, self.bits, self.group_size, self.zeros is None, self.g_idx is not None
-        )
+        return layer_storage_bits(rows, cols, self.bits, self.group_size, self.zeros is None, self.g_idx is not None)
 
 
 @dataclass

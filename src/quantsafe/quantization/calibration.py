@@ -92,9 +92,7 @@ def random_windows(stream: torch.Tensor, n_samples: int, seq_len: int, seed: int
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
 
 
-def self_generated_tokens(
-    model: Any, tokenizer: Any, n_samples: int, seq_len: int, seed: int
-) -> torch.Tensor:
+def self_generated_tokens(model: Any, tokenizer: Any, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """Sample `n_samples` continuations of exactly `seq_len` tokens from the model itself (temperature 1).
 
     The prompt is neutral: the BOS token if the tokenizer has one, else a newline. EOS is suppressed until

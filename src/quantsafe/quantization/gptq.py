@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,54 +59,64 @@ def _upper_inverse_cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tenso
     raise QuantsafeError(f"GPTQ: Hessian is not positive definite even with dampening {damp:.3g}")
 
 
+@dataclass(frozen=True)
+class PreparedHessian:
+    """What GPTQ derives from H alone, shared by the Linears that read the same input (q/k/v, gate/up)."""
+
+    dead: torch.Tensor  # bool [cols]: inputs that were always zero
+    perm: torch.Tensor | None  # act-order column order, or None
+    u: torch.Tensor  # upper Cholesky factor of the dampened, permuted H⁻¹
+
+
+def prepare_hessian(hessian: torch.Tensor, options: GPTQOptions) -> PreparedHessian:
+    """Dead inputs → H_ii = 1; act-order permutation by descending diag(H); dampened inverse Cholesky."""
+    with _one_thread():
+        h = hessian.detach().float().clone()
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1
+        perm = torch.argsort(torch.diag(h), descending=True, stable=True) if options.act_order else None
+        if perm is not None:
+            h = h[perm][:, perm]
+        return PreparedHessian(dead=dead, perm=perm, u=_upper_inverse_cholesky(h, options.damp_percent))
+
+
 def gptq_quantize(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | PreparedHessian,
     bits: int,
     group_size: int | None,
     sym: bool,
     options: GPTQOptions,
 ) -> QuantResult:
-    """Quantize `weight` [rows, cols] against the proxy Hessian `hessian` [cols, cols] (any positive scale).
+    """Quantize `weight` [rows, cols] against the proxy Hessian [cols, cols] (any positive scale).
 
     Groups are fitted when their first column is reached, on the columns as already updated by earlier
     errors; with act-order the groups follow the permuted order and the result carries `g_idx`. The lazy-batch
     block is rounded to a multiple of the group size: every group lies inside one block and sees all updates.
     """
+    prepared = hessian if isinstance(hessian, PreparedHessian) else prepare_hessian(hessian, options)
     with _one_thread():
-        return _gptq(weight, hessian, bits, group_size, sym, options)
+        return _gptq(weight, prepared, bits, group_size, sym, options.block_size)
 
 
 def _gptq(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    bits: int,
-    group_size: int | None,
-    sym: bool,
-    options: GPTQOptions,
+    weight: torch.Tensor, prepared: PreparedHessian, bits: int, group_size: int | None, sym: bool, block_size: int
 ) -> QuantResult:
     w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
     rows, cols = w.shape
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-
-    perm: torch.Tensor | None = None
-    if options.act_order:
-        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+    w[:, prepared.dead] = 0
+    perm, u = prepared.perm, prepared.u
+    if perm is not None:
         w = w[:, perm]
-        h = h[perm][:, perm]
-    u = _upper_inverse_cholesky(h, options.damp_percent)
-    del h
 
     g = cols if group_size is None else group_size
-    block = max(1, options.block_size // g) * g if group_size is not None else options.block_size
+    block = max(1, block_size // g) * g if group_size is not None else block_size
     n_groups = -(-cols // g)
     scales = torch.empty(rows, n_groups)
     zeros = torch.empty(rows, n_groups)
     codes_t = torch.empty(cols, rows)  # transposed buffers: row writes are contiguous, column writes are slow
     loss = torch.zeros(rows)
+    maxq = 2**bits - 1
     if group_size is None:
         scale, zero = fit_grid(w, bits, sym)
         scales[:, 0], zeros[:, 0] = scale, zero
@@ -120,13 +131,14 @@ def _gptq(
             if group_size is not None and col % g == 0:
                 scale, zero = fit_grid(w_blk[:, i : i + g], bits, sym)
                 scales[:, col // g], zeros[:, col // g] = scale, zero
-            wc = w_blk[:, i].contiguous()  # elementwise ops on a strided column are ~1000x slower on CPU
-            q = torch.clamp(torch.round(wc / scale) + zero, 0, 2**bits - 1)
+            # a contiguous copy: elementwise ops on a strided column are ~1000x slower on CPU; in-place after
+            wc = w_blk[:, i].contiguous()
+            q = torch.round(wc / scale).add_(zero).clamp_(0, maxq)
             codes_t[col] = q
-            err = (wc - scale * (q - zero)) / u_blk[i, i]
-            loss += err.square() / 2
+            err = wc.sub_((q - zero).mul_(scale)).div_(u_blk[i, i])
             w_blk[:, i + 1 :].addmm_(err[:, None], u_blk[i : i + 1, i + 1 :], alpha=-1)
             err_t[i] = err
+        loss += err_t.square().sum(dim=0) / 2
         if end < cols:
             w[:, end:].addmm_(err_t.T, u[start:end, end:], alpha=-1)
 
@@ -167,6 +179,7 @@ class GPTQQuantizer(Quantizer):
     def __init__(self, config: QuantConfig) -> None:
         super().__init__(config)
         self.options = GPTQOptions.model_validate(self.config.options)
+        self._prepared: tuple[LayerStats, PreparedHessian] | None = None
 
     @property
     def true_sequential(self) -> bool:
@@ -175,6 +188,9 @@ class GPTQQuantizer(Quantizer):
     def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> QuantResult:
         if stats is None:
             raise QuantsafeError("GPTQ needs calibration statistics (the layer's input Hessian)")
+        # The pipeline hands Linears that share an input the same LayerStats object: factor H once for them.
+        if self._prepared is None or self._prepared[0] is not stats:
+            self._prepared = (stats, prepare_hessian(stats.xtx, self.options))
         return gptq_quantize(
-            weight, stats.xtx, self.config.bits, self.config.group_size, self.config.sym, self.options
+            weight, self._prepared[1], self.config.bits, self.config.group_size, self.config.sym, self.options
         )

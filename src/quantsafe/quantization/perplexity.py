@@ -54,9 +54,7 @@ def perplexity(
         ).item()
     n_tokens = n_windows * (seq_len - 1)
     nll = total_nll / n_tokens
-    return PerplexityResult(
-        ppl=math.exp(nll), nll=nll, n_windows=n_windows, n_tokens=n_tokens, seq_len=seq_len
-    )
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, n_windows=n_windows, n_tokens=n_tokens, seq_len=seq_len)
 
 
 def wikitext2_test_tokens(tokenizer: Any, data_dir: Path | str | None = None) -> torch.Tensor:

@@ -30,9 +30,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a Llama/Qwen2-style causal LM (`model.model.layers`)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise QuantsafeError(
-            f"{type(model).__name__}: no `model.layers` list of decoder blocks; unsupported model"
-        )
+        raise QuantsafeError(f"{type(model).__name__}: no `model.layers` list of decoder blocks; unsupported model")
     return layers
 
 
@@ -135,9 +133,7 @@ def _hessian_hooks(linears: dict[str, nn.Linear], stop_after: str | None = None)
         hooks.remove()
 
 
-def _run_block(
-    block: nn.Module, batches: list[_Batch], index: int, hooks: _HessianHooks | None = None
-) -> None:
+def _run_block(block: nn.Module, batches: list[_Batch], index: int, hooks: _HessianHooks | None = None) -> None:
     for batch in batches:
         with suppress(_StopForward):
             block(batch.hidden, **batch.layer_kwargs[index])
@@ -193,9 +189,7 @@ def quantize_decoder_blocks(
     results: dict[str, QuantResult] = {}
     if not quantizer.needs_calibration:
         for i, block in enumerate(layers):
-            results |= _quantize_into(
-                quantizer, block, list(block_linears(block)), f"{prefix}.{i}", lambda _: None
-            )
+            results |= _quantize_into(quantizer, block, list(block_linears(block)), f"{prefix}.{i}", lambda _: None)
             if progress:
                 progress(i + 1, len(layers), f"block {i}")
         return results
@@ -205,11 +199,7 @@ def quantize_decoder_blocks(
     batches = capture_block_inputs(model, tokens, batch_size)
     for i, block in enumerate(layers):
         groups = _input_groups(block, batches[0], i)
-        passes = (
-            [(g, g[-1]) for g in groups]
-            if quantizer.true_sequential
-            else [([n for g in groups for n in g], None)]
-        )
+        passes = [(g, g[-1]) for g in groups] if quantizer.true_sequential else [([n for g in groups for n in g], None)]
         for names, stop_after in passes:
             with _hessian_hooks({n: block_linears(block)[n] for n in names}, stop_after) as hooks:
                 _run_block(block, batches, i, hooks)

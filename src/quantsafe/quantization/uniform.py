@@ -27,15 +27,11 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch
     exact = ((xmax - xmin) / maxq).clamp(min=_MIN_SCALE)
     half = exact.half()
     # Round the scale *up* to fp16 so the stored grid still spans [min, max] (error stays within half a step).
-    half = torch.where(
-        half.float() < exact, torch.nextafter(half, torch.tensor(torch.inf, dtype=half.dtype)), half
-    )
+    half = torch.where(half.float() < exact, torch.nextafter(half, torch.tensor(torch.inf, dtype=half.dtype)), half)
     scale = half.float()
     if sym:
-        zero = torch.full_like(scale, float(2 ** (bits - 1)))
-    else:
-        zero = torch.round(-xmin / scale).clamp(0, maxq)
-    return scale, zero
+        return scale, torch.full_like(scale, float(2 ** (bits - 1)))
+    return scale, torch.round(-xmin / scale).clamp(0, maxq)
 
 
 def quantize_to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
