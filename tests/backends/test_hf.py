@@ -1,6 +1,7 @@
 """The HF backend on a real small instruct model (SmolLM2-135M, shipped by a PyPI package)."""
 
 import pytest
+import torch
 
 from quantsafe.backends import DecodingConfig
 from quantsafe.backends.hf import HFBackend
@@ -35,3 +36,16 @@ def test_next_token_logprobs_are_log_probabilities(backend: HFBackend) -> None:
     assert all(v < 0 for d in out for v in d.values())
     with pytest.raises(ValueError, match="share a first token"):
         backend.candidate_token_ids(["Yes", "Yes"])
+
+
+def test_shared_prefix_is_encoded_once_without_changing_scores() -> None:
+    """Few-shot turns shared by every item go through the model once; scores must equal item-by-item ones
+    (in fp32: in bf16 the different batch shapes alone move log-probs by ~0.3)."""
+    model, tok = load_model(resolve_model("smollm2-135m"), dtype=torch.float32)
+    backend = HFBackend(model, tok, "smollm2-fp32")
+    shots = [{"role": "user", "content": "Is this an example? " * 12}, {"role": "assistant", "content": "Answer: yes"}]
+    convs = [[*shots, *c] for c in CONVS]
+    together = backend.next_token_logprobs(convs, ["Yes", "No"], prefill="Answer:", batch_size=2)
+    alone = [backend.next_token_logprobs([c], ["Yes", "No"], prefill="Answer:")[0] for c in convs]
+    for a, b in zip(together, alone, strict=True):
+        assert all(abs(a[k] - b[k]) < 1e-3 for k in a)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from quantsafe.backends.base import DecodingConfig, Generation, Message
+
+MIN_SHARED_PREFIX = 32  # below this, re-encoding the prefix costs less than copying its KV cache
 
 
 class HFBackend:
@@ -84,12 +87,46 @@ class HFBackend:
         self, conversations: Sequence[list[Message]], candidates: Sequence[str], prefill: str = "",
         batch_size: int = 8,
     ) -> list[dict[str, float]]:
+        """One forward pass per item; a prefix shared by every item (few-shot turns) is encoded once."""
         ids = self.candidate_token_ids(candidates)
-        texts = [self._render(c, None, prefill) for c in conversations]
-        out: list[dict[str, float]] = [{} for _ in texts]
-        for idx, enc in self._batches(texts, batch_size):
-            logits = self.model(**enc).logits[:, -1, :].float()
-            logp = torch.log_softmax(logits, dim=-1)[:, ids]
+        seqs = [self.tokenizer(self._render(c, None, prefill), add_special_tokens=False)["input_ids"]
+                for c in conversations]
+        if not seqs:
+            return []
+        shared = _common_prefix_len(seqs) if len(seqs) > 1 else 0
+        shared = min(shared, min(map(len, seqs)) - 1)  # every item keeps at least one token of its own
+        prefix_cache = None
+        if shared >= MIN_SHARED_PREFIX:
+            prefix_cache = self.model(input_ids=torch.tensor([seqs[0][:shared]]), use_cache=True).cache
+        else:
+            shared = 0
+        pad = self.tokenizer.pad_token_id
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out: list[dict[str, float]] = [{} for _ in seqs]
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            own = [seqs[i][shared:] for i in idx]
+            width = max(map(len, own))
+            # right padding: causal attention keeps real tokens blind to the pads after them
+            input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in own])
+            mask = torch.tensor([[1] * (shared + len(s)) + [0] * (width - len(s)) for s in own])
+            kwargs: dict[str, Any] = {}
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(idx))
+                kwargs["cache"] = cache
+            logits = self.model(input_ids=input_ids, attention_mask=mask, **kwargs).logits
+            last = logits[torch.arange(len(idx)), torch.tensor([len(s) - 1 for s in own])].float()
+            logp = torch.log_softmax(last, dim=-1)[:, ids]
             for row, i in enumerate(idx):
                 out[i] = {c: float(v) for c, v in zip(candidates, logp[row].tolist(), strict=True)}
         return out
+
+
+def _common_prefix_len(seqs: Sequence[list[int]]) -> int:
+    first = seqs[0]
+    n = min(map(len, seqs))
+    for k in range(n):
+        if any(s[k] != first[k] for s in seqs[1:]):
+            return k
+    return n

@@ -1,0 +1,67 @@
+"""The whole pipeline on a real small model: quantize, generate, judge, validate, report, resume."""
+
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from quantsafe.store import Store
+from quantsafe.study import StudyConfig
+from quantsafe.study.runner import run_study, write_report
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[StudyConfig, Path]:
+    out = tmp_path_factory.mktemp("study")
+    cfg = StudyConfig.model_validate({
+        "name": "tiny", "models": ["smollm2-135m"], "data_dir": str(data_dir),
+        "artifacts_dir": str(out / "artifacts"),
+        "variants": [{"method": "none"}, {"method": "rtn", "bits": 4, "group_size": 64}],
+        "benchmarks": [{"name": "opensafetymini", "limit_per_scenario": 1},
+                       {"name": "xsafety", "limit_per_scenario": 1}],
+        "decoding": {"max_new_tokens": 8, "batch_size": 8},
+        "judges": [{"kind": "heuristic"}, {"kind": "fake"}],
+        "validation": {"sets": ["mistralinstruct_even_ids"], "limit_per_set": 20},
+    })
+    run_study(cfg, out, Console(quiet=True))
+    return cfg, out
+
+
+def test_report_and_store(study: tuple[StudyConfig, Path]) -> None:
+    _, out = study
+    report = (out / "report.md").read_text()
+    assert "| Model | Precision | Method | XSafety | OpenSafetyMini |" in report
+    assert "dequantized GGUF" in report and "rtn" in report
+    assert "How far the judges can be trusted" in report and "mistralinstruct_even_ids" in report
+    with Store.open(out / "quantsafe.db") as store:
+        variants = store.variants()
+        assert [v.method for v in variants] == ["none", "rtn"]
+        assert variants[1].bits_per_weight is not None and 4.0 < variants[1].bits_per_weight < 5.0
+        n_prompts = 8 + 14  # one per OpenSafetyMini scenario, one per XSafety scenario
+        for v in variants:
+            gens = store.generations(v.variant_id, store.judged()[0]["decoding_id"])
+            assert len(gens) == n_prompts
+        assert len(store.judged()) == 2 * 2 * n_prompts  # 2 variants × 2 judges
+        assert {a["mapping"] for a in store.agreement()} == {"refusal", "safety"}
+    scores = (out / "scores.csv").read_text().splitlines()
+    assert scores[0].startswith("model,precision,method") and len(scores) > 1
+
+
+def test_rerun_skips_done_work_and_resumes_after_loss(study: tuple[StudyConfig, Path]) -> None:
+    cfg, out = study
+    with Store.open(out / "quantsafe.db") as store:
+        before = store.conn.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
+        # simulate a run killed mid-way: some generations and judgments never made it to disk
+        store.conn.execute("DELETE FROM generations WHERE rowid IN (SELECT rowid FROM generations LIMIT 3)")
+        store.conn.execute("DELETE FROM judgments WHERE rowid IN (SELECT rowid FROM judgments LIMIT 5)")
+        store.conn.commit()
+    run_study(cfg, out, Console(quiet=True))
+    with Store.open(out / "quantsafe.db") as store:
+        after = store.conn.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
+        dupes = store.conn.execute("SELECT COUNT(*) - COUNT(DISTINCT variant_id || prompt_uid || decoding_id || "
+                                   "judge_id) FROM judgments").fetchone()[0]
+        assert after == before and dupes == 0
+        assert len(store.judged()) == 2 * 2 * 22
+        # re-report from the store alone
+        report = write_report(store, out / "again", "again")
+    assert report.read_text().startswith("# quantsafe report: again")
