@@ -92,7 +92,7 @@ def quantize(
     from quantsafe.models import resolve_model
     from quantsafe.quantization import QuantConfig, quantize_variant
 
-    cfg = QuantConfig.model_validate({
+    cfg = QuantConfig.from_dict({
         "method": method, "bits": bits, "group_size": group_size or None,
         "calibration": {"source": "wikitext2", "n_samples": calib_samples, "seq_len": calib_seq_len}})
     art = quantize_variant(resolve_model(model), cfg, resolve_data_dir(data_dir), out or cache_dir() / "artifacts")

@@ -49,8 +49,7 @@ def study_prompts(cfg: StudyConfig, data_dir: Path) -> list[Prompt]:
 
 
 def _quant_config(spec: VariantSpec) -> QuantConfig:
-    fields = spec.model_dump(exclude_none=True)
-    return QuantConfig.model_validate(fields)
+    return QuantConfig.from_dict(spec.model_dump(exclude_none=True))
 
 
 def _variant(resolved: ResolvedModel, spec: VariantSpec, data_dir: Path, artifacts: Path,
@@ -132,14 +131,20 @@ def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None) -
     criteria = load_criteria(data_dir)
     for p in prompts:
         _criterion(criteria, p.scenario)  # fail before hours of work, not after
+    for i, spec in enumerate(cfg.variants):  # every input is checked before anything is written
+        if not spec.is_full_precision:
+            try:
+                _quant_config(spec)
+            except QuantsafeError as exc:
+                raise QuantsafeError(f"study '{cfg.name}', variants.{i}: {exc}") from None
+    resolved_models = [resolve_model(ref) for ref in cfg.models]
     out_dir.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]{cfg.name}[/]: {len(cfg.models)} model(s) × {len(cfg.variants)} variant(s), "
                   f"{len(prompts)} prompts, {len(cfg.judges)} judge(s) → {out_dir}")
     models_meta: list[dict[str, Any]] = []
     variants: list[VariantRow] = []
     with Store.open(out_dir / "quantsafe.db") as store:
-        for ref in cfg.models:
-            resolved = resolve_model(ref)
+        for resolved in resolved_models:
             models_meta.append(resolved.model_dump(mode="json"))
             for spec in cfg.variants:
                 console.print(f"variant {resolved.name} {spec.label()}")
