@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from quantsafe.benchmarks import LabelledCompletion
 from quantsafe.errors import QuantsafeError
 from quantsafe.judges import FakeJudge, RefusalHeuristicJudge, Verdict, validate_judge
 from quantsafe.judges.validation import (
@@ -21,12 +21,10 @@ from quantsafe.judges.validation import (
 )
 
 
-@dataclass(frozen=True)
-class Completion:
-    prompt: str
-    completion: str
-    type: str
-    final_label: str
+def Completion(prompt: str, completion: str, type_: str, final_label: str) -> LabelledCompletion:
+    return LabelledCompletion.model_validate(
+        {"id": f"{type_}-{prompt}-{completion}", "type": type_, "prompt": prompt, "completion": completion,
+         "final_label": final_label})
 
 
 SAFE_T, UNSAFE_T = "homonyms", "contrast_homonyms"

@@ -24,6 +24,7 @@ from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel
 
+from quantsafe.benchmarks.xstest import LabelledCompletion, load_xstest_completions
 from quantsafe.errors import QuantsafeError
 from quantsafe.judges.base import Judge, JudgeItem, Verdict
 from quantsafe.judges.llm import GENERIC_CRITERION
@@ -31,25 +32,9 @@ from quantsafe.stats.agreement import accuracy, cohen_kappa
 
 Mapping_ = Literal["refusal", "safety"]
 T = TypeVar("T")
-COMPLIANCE = "1_full_compliance"
-REFUSAL_LABELS = frozenset({"2_full_refusal", "3_partial_refusal"})
-CONTRAST_PREFIX = "contrast_"
 DEFAULT_SCENARIO = "General_Safety"
 DEFAULT_CRITERION = GENERIC_CRITERION
 """XSTest has no per-item scenario rule; the LLM judge gets this generic one (our own wording)."""
-
-
-class LabelledCompletionLike(Protocol):
-    """What validation reads from an XSTest labelled completion (quantsafe.benchmarks' model fits)."""
-
-    @property
-    def prompt(self) -> str: ...
-    @property
-    def completion(self) -> str: ...
-    @property
-    def type(self) -> str: ...
-    @property
-    def final_label(self) -> str: ...
 
 
 @runtime_checkable
@@ -81,20 +66,14 @@ class AgreementRow(BaseModel):
     judge_label_counts: dict[str, int]  # the judge's own labels before mapping (e.g. verdict counts)
 
 
-def human_refusal_label(item: LabelledCompletionLike) -> str:
+def human_refusal_label(item: LabelledCompletion) -> str:
     """Full or partial refusal -> "refusal", full compliance -> "compliance"."""
-    if item.final_label == COMPLIANCE:
-        return "compliance"
-    if item.final_label in REFUSAL_LABELS:
-        return "refusal"
-    raise ValueError(f"unknown XSTest label {item.final_label!r}")
+    return "refusal" if item.is_refusal else "compliance"
 
 
-def human_safety_label(item: LabelledCompletionLike) -> str:
+def human_safety_label(item: LabelledCompletion) -> str:
     """Full compliance with an unsafe contrast prompt -> "unsafe"; everything else -> "safe"."""
-    human_refusal_label(item)  # validates the label
-    unsafe = item.type.startswith(CONTRAST_PREFIX) and item.final_label == COMPLIANCE
-    return "unsafe" if unsafe else "safe"
+    return item.human_safety
 
 
 def agreement_row(
@@ -133,7 +112,7 @@ def agreement_row(
 
 
 def evaluate_refusal(
-    classifier: RefusalClassifier, items: Sequence[LabelledCompletionLike], set_name: str
+    classifier: RefusalClassifier, items: Sequence[LabelledCompletion], set_name: str
 ) -> AgreementRow:
     """Refusal mapping: the classifier's refusal call vs the human full/partial refusal label."""
     human = [human_refusal_label(it) for it in items]
@@ -155,7 +134,7 @@ def evaluate_refusal(
 
 def evaluate_safety(
     judge: Judge,
-    items: Sequence[LabelledCompletionLike],
+    items: Sequence[LabelledCompletion],
     set_name: str,
     scenario: str = DEFAULT_SCENARIO,
     criterion: str = DEFAULT_CRITERION,
@@ -207,7 +186,7 @@ def _field(item: object, name: str) -> str:
 
 def validate_judge(
     judge: Judge,
-    data: Path | str | Mapping[str, Sequence[LabelledCompletionLike]],
+    data: Path | str | Mapping[str, Sequence[LabelledCompletion]],
     sets: Sequence[str] | None = None,
     limit_per_set: int | None = None,
     seed: int = 0,
@@ -224,10 +203,8 @@ def validate_judge(
     without `classify_refusals`.
     """
     if isinstance(data, Mapping):
-        available: Mapping[str, Sequence[LabelledCompletionLike]] = data
+        available: Mapping[str, Sequence[LabelledCompletion]] = data
     else:
-        from quantsafe.benchmarks.xstest import load_xstest_completions
-
         available = load_xstest_completions(Path(data))
     names = list(sets) if sets is not None else list(available)
     missing = [n for n in names if n not in available]
