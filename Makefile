@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA_DIR ?= $(abspath ../shared/data)
+PAPER_RESULTS ?= $(abspath ../shared/reference/paper_results.csv)
 OUT ?= out/demo
 
 .PHONY: setup demo test lint bench clean
@@ -13,7 +14,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 setup: $(VENV)/.installed
 
 demo: setup
-	QUANTSAFE_DATA_DIR=$(DATA_DIR) HF_HUB_OFFLINE=1 $(VENV)/bin/quantsafe run studies/demo.yaml --out $(OUT)
+	QUANTSAFE_DATA_DIR=$(DATA_DIR) QUANTSAFE_PAPER_RESULTS=$(PAPER_RESULTS) HF_HUB_OFFLINE=1 $(VENV)/bin/quantsafe run studies/demo.yaml --out $(OUT)
 	@echo "report: $(OUT)/report.md"
 
 lint: setup

@@ -1,4 +1,10 @@
+from pathlib import Path
+
+import pytest
+
+from quantsafe.errors import DataError
 from quantsafe.report import ALL, compute_scores, render_report, scores_csv
+from quantsafe.report.paper import load_paper_safety, render_paper_table
 from quantsafe.store import VariantRow
 
 
@@ -44,3 +50,20 @@ def test_report_has_paper_layout_and_provenance() -> None:
     assert "dequantized GGUF" in text and "kappa 0.40" in text
     assert "50.00" in text and "0.00" in text
     assert scores_csv(scores).splitlines()[0].startswith("model,precision,method")
+
+
+def test_paper_numbers_side_by_side(tmp_path: Path) -> None:
+    csv_path = tmp_path / "paper.csv"
+    csv_path.write_text(
+        "paper_version,table,model,precision,method,benchmark,metric,value,note\n"
+        "v1+v2,T9,Llama,bf16,FP16,XSafety,safety_ratio_pct (judge),93.75,\n"
+        "v1+v2,T9,Llama,bf16,FP16,OpenSafetyMini,safety_ratio_pct (judge),93.06,\n"
+        "v1+v2,T9,Llama,int4,AWQ,OpenSafetyMini,safety_ratio_pct (judge),89.50,\n"
+        "v2,T7,Llama,int4,AWQ,SafetyBench,accuracy_pct[Avg],72.5,\n")
+    rows = load_paper_safety(csv_path)
+    assert len(rows) == 3
+    table = "\n".join(render_paper_table(rows))
+    assert "| Llama | int4 | AWQ | – | 89.50 |  | -3.56 |" in table
+    csv_path.write_text("model,value\nLlama,1\n")
+    with pytest.raises(DataError, match="missing column"):
+        load_paper_safety(csv_path)

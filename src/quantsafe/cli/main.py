@@ -48,6 +48,7 @@ def run(
 def report(
     out: Annotated[Path, typer.Argument(help="A study output directory holding quantsafe.db.")],
     name: Annotated[str, typer.Option(help="Title of the report.")] = "study",
+    paper_results: Annotated[Path | None, typer.Option(help="The paper's results CSV, shown side by side.")] = None,
 ) -> None:
     """Re-write report.md and scores.csv from the store, without running any model."""
     from quantsafe.store import Store
@@ -57,7 +58,7 @@ def report(
     if not db.is_file():
         _fail(f"{db}: no results database here")
     with Store.open(db) as store:
-        err.print(f"[green]report:[/] {write_report(store, out, name)}")
+        err.print(f"[green]report:[/] {write_report(store, out, name, paper_results=paper_results)}")
 
 
 @app.command("export")

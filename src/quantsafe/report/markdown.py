@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from quantsafe import __version__
+from quantsafe.report.paper import PaperRow, render_paper_table
 from quantsafe.report.scores import ALL, ScoreRow
 from quantsafe.store.db import VariantRow
 
@@ -37,6 +38,7 @@ def _fmt(x: Any, digits: int = 3) -> str:
 def render_report(
     name: str, variants: Sequence[VariantRow], scores: Sequence[ScoreRow], judges: Sequence[dict[str, Any]],
     agreement: Sequence[dict[str, Any]], models: Sequence[dict[str, Any]], decoding: dict[str, Any],
+    paper: Sequence[PaperRow] = (),
 ) -> str:
     """The whole report as Markdown."""
     out = [f"# quantsafe report: {name}", "",
@@ -102,6 +104,14 @@ def render_report(
         out.append(_table(["Model", "Precision", "Method", "benchmark", "safe", "unsafe", "ambiguous", "error"], [
             (s.model, s.precision, s.method, s.benchmark, s.n_safe, s.n_unsafe, s.n_ambiguous, s.n_error)
             for s in scores if s.judge_id == jid and s.scenario == ALL]))
+        out.append("")
+    if paper:
+        out += ["## The paper's numbers, for comparison", "",
+                "Safety ratio (%) judged by Gemma-2-27B on the full datasets (XSafety English 2,800 prompts, "
+                "OpenSafetyMini 1,067), with each method's change against its model's FP16 row in points. The "
+                "models, judge and sample sizes differ from the ones above: compare the direction and size of "
+                "the drops, not the levels.", ""]
+        out += render_paper_table(paper)
         out.append("")
     return "\n".join(out) + "\n"
 

@@ -76,6 +76,7 @@ class StudyConfig(_Strict):
     validation: ValidationSpec | None = ValidationSpec()
     data_dir: Path | None = None
     artifacts_dir: Path | None = None
+    paper_results: Path | None = None  # the paper's results CSV for side-by-side tables ($QUANTSAFE_PAPER_RESULTS)
 
 
 def _one_line(err: ValidationError, source: str) -> str:

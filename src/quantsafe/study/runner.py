@@ -23,6 +23,7 @@ from quantsafe.judges.factory import build_judge
 from quantsafe.models import ResolvedModel, load_model, resolve_model
 from quantsafe.quantization import QuantConfig, load_quantized, quantize_variant
 from quantsafe.report import compute_scores, render_report, scores_csv
+from quantsafe.report.paper import load_paper_safety, paper_results_path
 from quantsafe.store import GenerationRow, JudgmentRow, Store, VariantRow, atomic_write_text
 from quantsafe.study.config import StudyConfig, ValidationSpec, VariantSpec
 
@@ -164,7 +165,8 @@ def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None) -
                 _validate(store, judge, data_dir, cfg.validation, console)
             del judge
             gc.collect()
-        return write_report(store, out_dir, cfg.name, variants, judge_ids, models_meta, cfg.decoding)
+        return write_report(store, out_dir, cfg.name, variants, judge_ids, models_meta, cfg.decoding,
+                            cfg.paper_results)
 
 
 def _validate(store: Store, judge: Judge, data_dir: Path, spec: ValidationSpec, console: Console) -> None:
@@ -181,7 +183,7 @@ def _validate(store: Store, judge: Judge, data_dir: Path, spec: ValidationSpec, 
 
 def write_report(store: Store, out_dir: Path, name: str, variants: Sequence[VariantRow] | None = None,
                  judge_ids: Sequence[str] | None = None, models_meta: Sequence[dict[str, Any]] | None = None,
-                 decoding: DecodingConfig | None = None) -> Path:
+                 decoding: DecodingConfig | None = None, paper_results: Path | None = None) -> Path:
     """Re-report from the store alone (no model runs): report.md, scores.csv."""
     variants = list(variants) if variants is not None else store.variants()
     judges = [j for j in store.judges() if judge_ids is None or j["judge_id"] in judge_ids]
@@ -192,8 +194,10 @@ def write_report(store: Store, out_dir: Path, name: str, variants: Sequence[Vari
     if models_meta is None:
         models_meta = [{"name": v.model, "source": "see variants", "source_sha256": v.source_sha256,
                         "dequantized_gguf": v.dequantized_gguf} for v in variants if v.method == "none"]
+    paper_path = paper_results_path(paper_results)
+    paper = load_paper_safety(paper_path) if paper_path else []
     text = render_report(name, variants, scores, judges, agreement, models_meta,
-                         decoding.model_dump() if decoding else {})
+                         decoding.model_dump() if decoding else {}, paper)
     atomic_write_text(out_dir / "scores.csv", scores_csv(scores))
     report = out_dir / "report.md"
     atomic_write_text(report, text)
