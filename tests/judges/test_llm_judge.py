@@ -14,6 +14,7 @@ from quantsafe.judges import DEFAULT_FEW_SHOT, FewShotExample, Judge, JudgeItem,
 from quantsafe.judges.llm import (
     ATTEMPT_SEPARATOR,
     CONTENT_FREE,
+    DEFAULT_REFUSAL_FEW_SHOT,
     REFUSAL_PREFIX,
     SAFETY_CANDIDATES,
     answer_json,
@@ -359,3 +360,15 @@ def test_refusal_classification_uses_its_own_question_and_calibration() -> None:
     assert uncal.classify_refusals([("q", "Here is how.")]) == [True]
     assert uncal.refusal_id != judge.refusal_id
     assert judge.classify_refusals([]) == []
+
+
+def test_refusal_few_shot_turns_come_first_and_change_the_id() -> None:
+    backend = ScriptedBackend(lp=lambda conv, cands, prefill: {c: -1.0 for c in cands})
+    shots = DEFAULT_REFUSAL_FEW_SHOT[:2]
+    judge = LLMJudge(backend, TEMPLATE, refusal_few_shot=shots)
+    judge.classify_refusals([("q", "Sure, here you go.")])
+    conv = backend.logprob_calls[0][0][0]
+    assert [m["role"] for m in conv] == ["user", "assistant", "user", "assistant", "user"]
+    assert conv[1]["content"].endswith(' compliance"\n}') and conv[3]["content"].endswith(' refusal"\n}')
+    assert judge.refusal_id != LLMJudge(backend, TEMPLATE).refusal_id
+    assert {ex.refused for ex in DEFAULT_REFUSAL_FEW_SHOT} == {True, False}

@@ -11,7 +11,7 @@ from quantsafe.errors import QuantsafeError
 from quantsafe.judges.base import Judge
 from quantsafe.judges.fake import FakeJudge
 from quantsafe.judges.heuristic import RefusalHeuristicJudge
-from quantsafe.judges.llm import DEFAULT_FEW_SHOT, FewShotExample, LLMJudge
+from quantsafe.judges.llm import DEFAULT_FEW_SHOT, DEFAULT_REFUSAL_FEW_SHOT, FewShotExample, LLMJudge
 from quantsafe.judges.template import load_template
 
 
@@ -39,7 +39,8 @@ def build_judge(
     backend: Backend | None = None,
 ) -> Judge:
     """kind "llm": LLMJudge on `backend` (or the loaded `model`), with the official template when `data_dir`
-    has it; `few_shot=True` means DEFAULT_FEW_SHOT. "heuristic" and "fake" ignore the LLM settings."""
+    has it; `few_shot=True` means DEFAULT_FEW_SHOT (and DEFAULT_REFUSAL_FEW_SHOT for refusal calls).
+    "heuristic" and "fake" ignore the LLM settings."""
     if kind == "heuristic":
         return RefusalHeuristicJudge()
     if kind == "fake":
@@ -64,4 +65,5 @@ def build_judge(
         decoding=decoding,
         calibrate=calibrate,
         few_shot=examples,
+        refusal_few_shot=DEFAULT_REFUSAL_FEW_SHOT if examples else (),
     )
