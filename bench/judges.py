@@ -45,7 +45,7 @@ def _rows(judge: Judge, name: str, data_dir: Path, sets: list[str], limit: int |
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--fast-limit", type=int, default=96, help="items per set for the LLM judge in fast mode")
+    ap.add_argument("--fast-limit", type=int, default=48, help="items per set for the LLM judge in fast mode")
     ap.add_argument("--full-limit", type=int, default=40, help="Mistral items for the LLM judge in full mode")
     ap.add_argument("--full-max-new-tokens", type=int, default=320)
     ap.add_argument("--out", type=Path, default=OUT)
