@@ -233,9 +233,10 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             "recipe": f"int{{bits}} asymmetric group {args.group_size}, block_size 128, dampening_frac 0.01, "
             "actorder default (static/'weight': act-order during GPTQ, groups fixed before it, no g_idx), "
             "ignore lm_head; observer = min-max on the original weights",
-            "differences": "quantsafe GPTQ refits each group's scale/zero on the error-updated columns "
-            "(dynamic groups with g_idx) and is true-sequential; llm-compressor fixes scales from the original "
-            "weights and calibrates a whole decoder layer at once",
+            "differences": "same GPTQ settings as quantsafe's defaults (act-order with static groups, whole "
+            "decoder layer calibrated at once, damp 0.01, block 128); remaining differences: llm-compressor "
+            "stores scales in the weight dtype (bf16) where quantsafe rounds them up to fp16, and it runs its own "
+            "sequential pipeline (tracing subgraphs) rather than quantsafe's block hooks",
         },
         "seconds": "quantization wall time in a fresh process: model load + calibration + quantization + save",
         "peak_rss_mb": "peak resident memory of that process (ru_maxrss) up to the end of quantization",

@@ -82,7 +82,8 @@ def test_options_are_validated_and_defaults_filled() -> None:
         "damp_percent": 0.01,
         "act_order": True,
         "block_size": 128,
-        "true_sequential": True,
+        "true_sequential": False,
+        "static_groups": True,
     }
     assert cfg.calibration is not None and cfg.calibration.n_samples == 128
     # equal meaning, equal hash

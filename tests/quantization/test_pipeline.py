@@ -104,14 +104,21 @@ def test_true_sequential_sees_quantized_attention() -> None:
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_gptq_8bit_keeps_tiny_model_outputs(kind: str) -> None:
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_gptq_8bit_keeps_tiny_model_outputs(kind: str, static_groups: bool) -> None:
     model = _tiny(kind)
     tokens = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         before = model(tokens).logits
-    cfg = QuantConfig(method="gptq", bits=8, group_size=32, calibration={"n_samples": 4, "seq_len": 32})
+    cfg = QuantConfig(
+        method="gptq",
+        bits=8,
+        group_size=32,
+        options={"static_groups": static_groups, "true_sequential": True},
+        calibration={"n_samples": 4, "seq_len": 32},
+    )
     results = quantize_decoder_blocks(model, make_quantizer(cfg), tokens, batch_size=2)
-    assert all(r.g_idx is not None for r in results.values())
+    assert all((r.g_idx is None) == static_groups for r in results.values())
     with torch.no_grad():
         after = model(tokens).logits
     assert (after - before).abs().max() < 0.05 * before.abs().max()
@@ -163,3 +170,19 @@ def test_perplexity_of_a_uniform_model_is_the_vocab_size() -> None:
     result = perplexity(uniform, torch.randint(0, vocab, (1000,)), seq_len=100, max_windows=7)
     assert result.n_windows == 7 and result.n_tokens == 7 * 99
     assert result.ppl == pytest.approx(vocab, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_captured_inputs_and_kwargs_reproduce_the_model(kind: str) -> None:
+    """Running the blocks one by one on the captured inputs and kwargs (causal mask, rotary) is exact."""
+    model = _tiny(kind)
+    tokens = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(tokens, output_hidden_states=True).hidden_states[-1]
+        outputs = []
+        for batch in capture_block_inputs(model, tokens, batch_size=2):
+            hidden = batch.hidden
+            for i, layer in enumerate(model.model.layers):
+                hidden = layer(hidden, **batch.layer_kwargs[i])
+            outputs.append(model.model.norm(hidden))
+    torch.testing.assert_close(torch.cat(outputs), expected)

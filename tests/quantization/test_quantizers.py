@@ -43,7 +43,8 @@ def test_rtn_more_bits_less_error() -> None:
 def test_gptq_with_identity_hessian_equals_rtn(act_order: bool, group_size: int | None) -> None:
     w = _weight()
     rtn = rtn_quantize(w, 3, group_size, sym=False)
-    gptq = gptq_quantize(w, torch.eye(w.shape[1]), 3, group_size, False, GPTQOptions(act_order=act_order))
+    options = GPTQOptions(act_order=act_order, static_groups=False)
+    gptq = gptq_quantize(w, torch.eye(w.shape[1]), 3, group_size, False, options)
     assert torch.equal(gptq.codes, rtn.codes)
     assert torch.equal(gptq.scales, rtn.scales)
     assert torch.equal(gptq.dequantize(), rtn.dequantize())
@@ -66,7 +67,7 @@ def test_gptq_reduces_output_error_vs_rtn(act_order: bool, bits: int) -> None:
 
 def test_gptq_act_order_groups_round_trip_through_g_idx() -> None:
     w, x = _weight(), _correlated_inputs()
-    r = gptq_quantize(w, x @ x.T, 4, 64, False, GPTQOptions(act_order=True))
+    r = gptq_quantize(w, x @ x.T, 4, 64, False, GPTQOptions(act_order=True, static_groups=False))
     assert r.g_idx is not None and r.g_idx.dtype == torch.int32
     # each group holds exactly group_size columns, and the columns are not contiguous runs
     assert torch.bincount(r.g_idx.long()).tolist() == [64] * 4
@@ -80,6 +81,19 @@ def test_gptq_act_order_groups_round_trip_through_g_idx() -> None:
     assert torch.equal(requant.to(torch.uint8), r.codes)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_static_groups_use_original_group_grids(act_order: bool) -> None:
+    w, x = _weight(), _correlated_inputs()
+    options = GPTQOptions(act_order=act_order, static_groups=True)
+    r = gptq_quantize(w, x @ x.T, 4, 64, False, options)
+    assert r.g_idx is None  # groups stay contiguous in the original order
+    rtn = rtn_quantize(w, 4, 64, False)
+    assert torch.equal(r.scales, rtn.scales) and r.zeros is not None and torch.equal(r.zeros, rtn.zeros)
+    assert ((w - r.dequantize()) @ x).norm() < 0.9 * ((w - rtn.dequantize()) @ x).norm()
+    identity = gptq_quantize(w, torch.eye(256), 4, 64, False, options)
+    assert torch.equal(identity.codes, rtn.codes)
+
+
 def test_gptq_handles_dead_inputs_and_singular_hessian() -> None:
     w = _weight(16, 128)
     x = _correlated_inputs(128, 64)  # 64 tokens < 128 columns: rank-deficient H
@@ -90,7 +104,7 @@ def test_gptq_handles_dead_inputs_and_singular_hessian() -> None:
 
 
 def test_gptq_quantizer_uses_config_options() -> None:
-    cfg = QuantConfig(method="gptq", bits=4, group_size=64, options={"act_order": False})
+    cfg = QuantConfig(method="gptq", bits=4, group_size=64, options={"act_order": False, "true_sequential": True})
     quantizer = make_quantizer(cfg)
     assert quantizer.true_sequential is True
     w, x = _weight(), _correlated_inputs()

@@ -46,11 +46,10 @@ def test_gptq8_artifact_manifest(gptq8: QuantizedArtifact, smollm2: ResolvedMode
     assert on_disk.calibration is not None and on_disk.calibration["n_samples"] == 4
     assert len(on_disk.calibration["token_sha256"]) == 64
     assert len(on_disk.layers) == 30 * 7 and "lm_head" not in " ".join(on_disk.layers)
-    assert all(rec.loss is not None and rec.g_idx for rec in on_disk.layers.values())
-    # bpw: 8-bit codes + (16 + 8) bits per group of 64 + int32 g_idx per input column
-    expected = sum(layer_storage_bits(*r.shape, 8, 64, False, True) for r in on_disk.layers.values())
-    assert on_disk.bits_per_weight == pytest.approx(expected / on_disk.n_quantized_weights)
-    assert 8.375 < on_disk.bits_per_weight < 8.375 + 32 / 576 + 1e-9
+    assert all(rec.loss is not None and not rec.g_idx for rec in on_disk.layers.values())  # static groups
+    # bpw: 8-bit codes + (16-bit scale + 8-bit zero) per group of 64
+    expected = sum(layer_storage_bits(*r.shape, 8, 64, False, False) for r in on_disk.layers.values())
+    assert on_disk.bits_per_weight == pytest.approx(expected / on_disk.n_quantized_weights) == 8.375
 
 
 def test_gptq8_reloads_close_to_full_precision(gptq8: QuantizedArtifact, smollm2: ResolvedModel) -> None:

@@ -7,7 +7,7 @@
    inputs.
    True-sequential mode repeats step 2 per input-sharing group ([q,k,v] → [o] → [gate,up] → [down]), each pass
    stopping right after the group's last Linear, so later groups see the already-quantized earlier ones.
-   The early stop makes it cost about 1.4 extra block forwards instead of 3.
+   The early stops make that about one extra block forward per block instead of three.
 """
 
 from __future__ import annotations
