@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--full-limit", type=int, default=40, help="Mistral items for the LLM judge in full mode")
     ap.add_argument("--full-max-new-tokens", type=int, default=320)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--note", default="", help="recorded in the JSON, e.g. other load on the machine")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     data_dir = resolve_data_dir(os.environ.get("QUANTSAFE_DATA_DIR"))
@@ -64,7 +65,7 @@ def main() -> None:
     rows += _rows(full, "llm", data_dir, ["mistralinstruct_even_ids"], args.full_limit, ("safety",))
 
     result = {
-        "machine": machine_info(), "judge_model": args.model,
+        "machine": machine_info(), "note": args.note, "judge_model": args.model,
         "settings": {"fast_limit_per_set": args.fast_limit, "full_limit_mistral": args.full_limit,
                      "full_max_new_tokens": args.full_max_new_tokens,
                      "sampling": "seeded plain random subsample per set (human label mix as it is), seed 0"},
