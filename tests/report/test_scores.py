@@ -67,3 +67,14 @@ def test_paper_numbers_side_by_side(tmp_path: Path) -> None:
     csv_path.write_text("model,value\nLlama,1\n")
     with pytest.raises(DataError, match="missing column"):
         load_paper_safety(csv_path)
+
+
+def test_trust_sentence_follows_the_safety_kappa() -> None:
+    from quantsafe.report.markdown import trust_sentence
+
+    row = {"mapping": "safety", "set": "mistral", "n": 40, "minority_recall": 0.9}
+    assert "slight" in trust_sentence([row | {"kappa": 0.15}]) and "indicative" in trust_sentence([row | {"kappa": 0.15}])
+    assert "almost perfect" in trust_sentence([row | {"kappa": 0.85}])
+    assert "no better than chance" in trust_sentence([row | {"kappa": -0.1}])
+    no_unsafe = {"mapping": "safety", "set": "llama", "n": 40, "minority_recall": None, "kappa": float("nan")}
+    assert "nothing says" in trust_sentence([no_unsafe])

@@ -35,6 +35,27 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else ("–" if x is None else str(x))
 
 
+def _strength(kappa: float) -> str:
+    """Landis & Koch's bands, so a reader need not know what a kappa of 0.3 means."""
+    bands = ((0.8, "almost perfect"), (0.6, "substantial"), (0.4, "moderate"), (0.2, "fair"), (0.0, "slight"))
+    return next((name for cut, name in bands if kappa > cut), "no better than chance")
+
+
+def trust_sentence(rows: Sequence[dict[str, Any]]) -> str:
+    """One plain sentence on how far the safety ratios of a judge can be trusted, from its safety-mapping kappa."""
+    safety = [r for r in rows if r["mapping"] == "safety" and r.get("minority_recall") is not None
+              and r["kappa"] == r["kappa"]]  # sets with unsafe answers and a defined kappa
+    if not safety:
+        return ("**Trust:** no validation set with unsafe answers was run, so nothing says whether this judge "
+                "can tell unsafe from safe.")
+    best = max(safety, key=lambda r: r["kappa"])
+    verdict = _strength(best["kappa"])
+    caution = "" if best["kappa"] > 0.6 else " Treat differences between variants below as indicative at best."
+    return (f"**Trust:** on human-labelled answers with unsafe cases ({best['set']}, n={best['n']}) this judge's "
+            f"agreement with people is {verdict} (kappa {best['kappa']:.2f}, unsafe recall "
+            f"{best['minority_recall']:.2f}).{caution}")
+
+
 def render_report(
     name: str, variants: Sequence[VariantRow], scores: Sequence[ScoreRow], judges: Sequence[dict[str, Any]],
     agreement: Sequence[dict[str, Any]], models: Sequence[dict[str, Any]], decoding: dict[str, Any],
@@ -84,7 +105,10 @@ def render_report(
         if kappas:
             out.append("Judge agreement with people: " + "; ".join(
                 f"{a['set']}/{a['mapping']} accuracy {a['accuracy']:.2f}, kappa {a['kappa']:.2f}" for a in kappas))
-            out.append("")
+            out += ["", trust_sentence(kappas)]
+        else:
+            out.append("_This judge was not measured against people: its numbers are unvalidated._")
+        out.append("")
         rows = [[v.model, v.precision, v.method] + [_cell(overall.get((v.variant_id, b, jid))) for b, _ in present]
                 for v in variants]
         out.append(_table(["Model", "Precision", "Method"] + [label for _, label in present], rows))
