@@ -73,7 +73,8 @@ def test_trust_sentence_follows_the_safety_kappa() -> None:
     from quantsafe.report.markdown import trust_sentence
 
     row = {"mapping": "safety", "set": "mistral", "n": 40, "minority_recall": 0.9}
-    assert "slight" in trust_sentence([row | {"kappa": 0.15}]) and "indicative" in trust_sentence([row | {"kappa": 0.15}])
+    weak = trust_sentence([row | {"kappa": 0.15}])
+    assert "slight" in weak and "indicative" in weak
     assert "almost perfect" in trust_sentence([row | {"kappa": 0.85}])
     assert "no better than chance" in trust_sentence([row | {"kappa": -0.1}])
     no_unsafe = {"mapping": "safety", "set": "llama", "n": 40, "minority_recall": None, "kappa": float("nan")}
