@@ -28,12 +28,26 @@ def read_text(path: Path) -> str:
 
 
 def read_csv_rows(path: Path) -> list[list[str]]:
-    """All records of a CSV file; quoted cells may span lines."""
-    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    """All records of a CSV file; quoted cells may span lines.
+
+    Strict parsing, because the lenient reader accepts a file cut inside a quoted cell and returns the rest of
+    the file as that cell. Rows are records counted from 1 (as in `read_csv_records`); since a record can span
+    lines, errors also give a line number.
+    """
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), strict=True)
+    rows: list[list[str]] = []
+    start_line = 1
     try:
-        return list(reader)
+        for cells in reader:
+            rows.append(cells)
+            start_line = reader.line_num + 1
     except csv.Error as err:
-        raise DataError(path, f"malformed CSV ({err})", row=reader.line_num) from None
+        row = len(rows) + 1
+        if "unexpected end of data" in str(err):  # the csv module's only way of saying it
+            raise DataError(path, f"quoted field never closes (record starts on line {start_line}; "
+                            "is the file truncated?)", row=row) from None
+        raise DataError(path, f"malformed CSV on line {reader.line_num} ({err})", row=row) from None
+    return rows
 
 
 def read_csv_records(path: Path, required: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
