@@ -55,7 +55,7 @@ def test_wilson_without_observations_is_the_whole_range() -> None:
 @pytest.mark.parametrize(("successes", "n", "confidence"), [(-1, 10, 0.95), (11, 10, 0.95), (1, 0, 0.95),
                                                             (0, -1, 0.95), (5, 10, 0.0), (5, 10, 1.0)])
 def test_wilson_rejects_impossible_input(successes: int, n: int, confidence: float) -> None:
-    with pytest.raises(ValueError, match="successes|confidence"):
+    with pytest.raises(ValueError, match=r"successes|confidence"):
         wilson_interval(successes, n, confidence)
 
 
