@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from quantsafe.errors import QuantsafeError
 from quantsafe.hashing import stable_hash
 from quantsafe.models import ResolvedModel, load_model
-from quantsafe.quantization.base import QuantResult, make_quantizer
+from quantsafe.quantization.base import QuantResult, get_quantizer_class, make_quantizer
 from quantsafe.quantization.calibration import build_calibration
 from quantsafe.quantization.config import QuantConfig
 from quantsafe.quantization.packing import pack_codes, unpack_codes
@@ -59,6 +59,7 @@ class QuantizedArtifact(BaseModel):
     schema_version: int = SCHEMA_VERSION
     artifact_id: str
     config: QuantConfig
+    method_version: int | None = None  # the quantizer's `version`; None in manifests written before it existed
     base_model: str
     base_source_sha256: str
     calibration: dict[str, Any] | None
@@ -81,8 +82,10 @@ def effective_bits_per_weight(results: dict[str, QuantResult]) -> float:
 
 
 def compute_artifact_id(base_sha256: str, config: QuantConfig, calibration_key: str | None) -> str:
-    """Content address of an artifact: base weights, full config, and the calibration tokens' sha256."""
-    return stable_hash({"base": base_sha256, "config": config, "calibration": calibration_key})
+    """Content address of an artifact: base weights, full config, the calibration tokens' sha256 and the
+    method's version, so an artifact made before a fix to the method is not reused after it."""
+    return stable_hash({"base": base_sha256, "config": config, "calibration": calibration_key,
+                        "method_version": get_quantizer_class(config.method).version})
 
 
 def _dir_name(model: str, config: QuantConfig, artifact_id: str) -> str:
@@ -151,6 +154,7 @@ def quantize_variant(
     artifact = QuantizedArtifact(
         artifact_id=artifact_id,
         config=config,
+        method_version=type(quantizer).version,
         base_model=resolved.name,
         base_source_sha256=resolved.source_sha256,
         calibration=calibration.record() if calibration else None,
@@ -235,8 +239,13 @@ def _write_atomically(
     return artifact
 
 
-def load_quantized(path: Path | str) -> tuple[Any, Any]:
-    """Load an artifact as a bf16 Hugging Face model (weights dequantized) and its tokenizer."""
+def load_quantized(path: Path | str, *, dtype: torch.dtype = torch.bfloat16) -> tuple[Any, Any]:
+    """Load an artifact as a Hugging Face model (weights dequantized to `dtype`) and its tokenizer.
+
+    bf16 is about twice as fast as fp32 on CPUs with native bf16 and much slower on those without, hence
+    `dtype`; in fp32 the unquantized tensors (stored bf16) are the same and the dequantized weights skip one
+    rounding.
+    """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -253,12 +262,12 @@ def load_quantized(path: Path | str) -> tuple[Any, Any]:
             group_size=rec.group_size,
             g_idx=stored.pop(f"{name}.g_idx") if rec.g_idx else None,
         )
-        state[f"{name}.weight"] = result.dequantize(torch.bfloat16)
+        state[f"{name}.weight"] = result.dequantize(dtype)
     state |= stored
     for alias, target in artifact.aliases.items():
         state[alias] = state[target]
     with _skip_init():  # every weight is overwritten below; random init of 0.5B params costs seconds
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), dtype=dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise QuantsafeError(

@@ -105,10 +105,12 @@ class Quantizer(ABC):
 
     `needs_calibration` methods receive the Linear's `LayerStats` from the sequential pipeline;
     `true_sequential` asks the pipeline to recompute those statistics after each group of Linears that share
-    an input.
+    an input. `version` is part of every artifact id: raise it with any change that alters a method's output
+    (a bug fix included), so artifacts made by the old code are never silently reused.
     """
 
     name: ClassVar[str]
+    version: ClassVar[int]
     needs_calibration: ClassVar[bool] = False
     Options: ClassVar[type[BaseModel]] = NoOptions
 
@@ -134,6 +136,8 @@ def register_quantizer(name: str) -> Callable[[Q], Q]:
     def wrap(cls: Q) -> Q:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"quantizer '{name}' is already registered")
+        if not isinstance(getattr(cls, "version", None), int):
+            raise ValueError(f"quantizer '{name}' must set the class attribute `version` (an int)")
         cls.name = name
         _REGISTRY[name] = cls
         return cls

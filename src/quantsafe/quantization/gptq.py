@@ -197,6 +197,7 @@ class GPTQQuantizer(Quantizer):
         calibration: {source: wikitext2, n_samples: 128, seq_len: 512}
     """
 
+    version = 1
     needs_calibration = True
     Options = GPTQOptions
 

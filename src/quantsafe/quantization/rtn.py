@@ -40,5 +40,7 @@ class RTNQuantizer(Quantizer):
         group_size: 64
     """
 
+    version = 1
+
     def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> QuantResult:
         return rtn_quantize(weight, self.config.bits, self.config.group_size, self.config.sym)

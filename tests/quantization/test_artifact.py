@@ -1,0 +1,83 @@
+"""Artifact ids and reloading, on a tiny random Llama that uses SmolLM2's tokenizer (fast, no real weights)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from quantsafe.models import ResolvedModel, resolve_model
+from quantsafe.quantization import QuantConfig, QuantizedArtifact, load_quantized, quantize_variant
+from quantsafe.quantization.artifact import compute_artifact_id, read_manifest
+from quantsafe.quantization.base import Quantizer, register_quantizer
+from quantsafe.quantization.gptq import GPTQQuantizer
+from quantsafe.quantization.rtn import RTNQuantizer
+
+BASE = "0" * 64
+RTN4 = QuantConfig(method="rtn", bits=4, group_size=32)
+GPTQ4 = QuantConfig(method="gptq", bits=4, group_size=64, calibration={"source": "wikitext2"})
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> ResolvedModel:
+    smollm2 = resolve_model("smollm2-135m").path
+    out = tmp_path_factory.mktemp("tiny-llama")
+    for name in TOKENIZER_FILES:
+        shutil.copy(smollm2 / name, out / name)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    return ResolvedModel(name="tiny", path=out, source=str(out), source_sha256=BASE, dequantized_gguf=False)
+
+
+@pytest.fixture(scope="module")
+def rtn4(tiny: ResolvedModel, tmp_path_factory: pytest.TempPathFactory) -> QuantizedArtifact:
+    return quantize_variant(tiny, RTN4, None, tmp_path_factory.mktemp("artifacts"))
+
+
+def test_artifact_id_is_pinned() -> None:
+    """Any change to what the id covers must be deliberate: it orphans every artifact already on disk."""
+    assert compute_artifact_id(BASE, QuantConfig(method="rtn", bits=4, group_size=64), None) == "1e42f51df372eef9"
+    assert compute_artifact_id(BASE, GPTQ4, "c" * 64) == "6058b4708a93bfdb"
+
+
+@pytest.mark.parametrize(("cls", "config", "calibration"), [(RTNQuantizer, RTN4, None),
+                                                            (GPTQQuantizer, GPTQ4, "c" * 64)])
+def test_method_version_changes_the_artifact_id(
+    cls: type[Quantizer], config: QuantConfig, calibration: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = compute_artifact_id(BASE, config, calibration)
+    monkeypatch.setattr(cls, "version", cls.version + 1)
+    assert compute_artifact_id(BASE, config, calibration) != before
+
+
+def test_manifest_records_the_method_version(rtn4: QuantizedArtifact) -> None:
+    assert rtn4.method_version == read_manifest(rtn4.path).method_version == RTNQuantizer.version == 1
+    assert rtn4.artifact_id == compute_artifact_id(BASE, RTN4, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_quantized_in_the_requested_dtype(rtn4: QuantizedArtifact, dtype: torch.dtype) -> None:
+    model, tok = load_quantized(rtn4.path, dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    with torch.no_grad():
+        logits = model(**tok("Hello", return_tensors="pt")).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
+def test_float32_load_holds_the_same_weights(rtn4: QuantizedArtifact) -> None:
+    """fp32 only skips the final bf16 rounding: rounding its weights to bf16 gives the bf16 load exactly."""
+    fp32, _ = load_quantized(rtn4.path, dtype=torch.float32)
+    bf16, _ = load_quantized(rtn4.path)
+    for (name, a), b in zip(fp32.state_dict().items(), bf16.state_dict().values(), strict=True):
+        assert torch.equal(a.to(torch.bfloat16), b), name
+
+
+def test_a_method_without_a_version_cannot_register() -> None:
+    unversioned = type("Unversioned", (Quantizer,), {})
+    with pytest.raises(ValueError, match="must set the class attribute `version`"):
+        register_quantizer("unversioned")(unversioned)
