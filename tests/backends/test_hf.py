@@ -1,10 +1,14 @@
 """The HF backend on a real small instruct model (SmolLM2-135M, shipped by a PyPI package)."""
 
+import logging
+from typing import Any
+
 import pytest
 import torch
 
 from quantsafe.backends import DecodingConfig
 from quantsafe.backends.hf import HFBackend
+from quantsafe.errors import QuantsafeError
 from quantsafe.models import load_model, resolve_model
 
 
@@ -14,9 +18,42 @@ def backend() -> HFBackend:
     return HFBackend(model, tok, "smollm2")
 
 
+@pytest.fixture(scope="module")
+def fp32() -> HFBackend:
+    """fp32 for exact comparisons: in bf16 different batch shapes alone move log-probs by ~0.3."""
+    model, tok = load_model(resolve_model("smollm2-135m"), dtype=torch.float32)
+    return HFBackend(model, tok, "smollm2-fp32")
+
+
+class Recorder:
+    """Stands in for the model, recording every call's input shape (rows, width with any cached prefix) and, for
+    forward calls, its logits' shape."""
+
+    def __init__(self, model: Any):
+        self.inner = model
+        self.forwards: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+        self.generates: list[tuple[int, ...]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        out = self.inner(**kwargs)
+        rows_width = kwargs.get("attention_mask", kwargs["input_ids"]).shape
+        self.forwards.append((tuple(rows_width), tuple(out.logits.shape)))
+        return out
+
+    def generate(self, **kwargs: Any) -> Any:
+        self.generates.append(tuple(kwargs["input_ids"].shape))
+        return self.inner.generate(**kwargs)
+
+
 CONVS = [[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
          [{"role": "user", "content": "Say hello."}],
          [{"role": "user", "content": "Write a very long story about a dragon who learns to fly over the sea."}]]
+LONG = [{"role": "user", "content": "Start of the request. " + "Lots of filler text here. " * 80}]
+# " Y" is one token; " Yep", " Yup" and " Yesss" start with it (" Y"+"ep", " Y"+"up", " Y"+"ess"+"s")
+SPLIT_LABELS = [" Y", " Yep", " Yup", " Yesss", "No"]
 
 
 def test_batched_greedy_keeps_order_and_matches_single(backend: HFBackend) -> None:
@@ -27,25 +64,114 @@ def test_batched_greedy_keeps_order_and_matches_single(backend: HFBackend) -> No
     assert sum(a.text == b.text for a, b in zip(batched, single, strict=True)) >= 2
     assert all(g.n_new_tokens <= 12 for g in batched)
     assert batched[2].finished is False and batched[2].n_new_tokens == 12  # the story cannot end in 12 tokens
+    assert not any(g.truncated for g in batched)
     assert backend.tokenizer.padding_side == "left"
+
+
+def test_truncation_cuts_the_last_user_message_and_keeps_the_template(backend: HFBackend) -> None:
+    conv = [{"role": "user", "content": "Earlier turn."}, {"role": "assistant", "content": "Sure."},
+            {"role": "user", "content": "Start of the request. " + "x y " * 50_000}]  # ~100k characters
+    ids, cut = backend.encode(conv, "Be brief.", "", limit=60)
+    text = backend.tokenizer.decode(ids)
+    assert cut and 50 <= len(ids) <= 60
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nEarlier turn.<|im_end|>")
+    assert "<|im_start|>user\nStart of the request. x y" in text
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert backend.encode(conv[:1], "Be brief.", "", limit=60)[1] is False
+    with pytest.raises(QuantsafeError, match="emptied"):
+        backend.encode(conv, "A system prompt that alone is longer than the limit. " * 3, "", limit=20)
+
+
+def test_generate_fits_prompts_to_the_context_and_max_prompt_tokens(
+    backend: HFBackend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(backend.model.config, "max_position_embeddings", 96)
+    gens = backend.generate([LONG, CONVS[1]], DecodingConfig(max_new_tokens=8, batch_size=2))
+    assert gens[0].truncated and gens[0].n_prompt_tokens <= 96 - 8
+    assert not gens[1].truncated and gens[1].n_prompt_tokens < 40
+    capped = backend.generate([LONG], DecodingConfig(max_new_tokens=2, max_prompt_tokens=40))[0]
+    assert capped.truncated and capped.n_prompt_tokens <= 40
+
+
+def test_batches_respect_the_token_budget_and_input_order(backend: HFBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    dec = DecodingConfig(max_new_tokens=4, batch_size=3)
+    lengths = [len(backend.encode(c)[0]) for c in CONVS]
+    longest, second = sorted(lengths, reverse=True)[:2]
+    assert longest > second  # the budget below splits off the longest item only
+    rec = Recorder(backend.model)
+    monkeypatch.setattr(backend, "model", rec)
+    budget = 2 * (longest + 4) - 1
+    backend.generate(CONVS, dec.model_copy(update={"max_batch_tokens": budget}))
+    assert rec.generates == [(1, longest), (2, second)]
+    one_by_one = backend.generate(CONVS, dec.model_copy(update={"max_batch_tokens": 1}))
+    assert rec.generates[2:] == [(1, n) for n in sorted(lengths, reverse=True)]
+    single = [backend.generate([c], dec.model_copy(update={"batch_size": 1}))[0] for c in CONVS]
+    assert [g.text for g in one_by_one] == [g.text for g in single]
 
 
 def test_next_token_logprobs_are_log_probabilities(backend: HFBackend) -> None:
     out = backend.next_token_logprobs(CONVS[:2], ["Yes", "No"], prefill="Answer:")
-    assert len(out) == 2 and all(set(d) == {"Yes", "No"} for d in out)
+    assert len(out) == 2 and all(list(d) == ["Yes", "No"] for d in out)
     assert all(v < 0 for d in out for v in d.values())
-    with pytest.raises(ValueError, match="share a first token"):
-        backend.candidate_token_ids(["Yes", "Yes"])
+    with pytest.raises(ValueError, match="distinct token sequences"):
+        backend.candidate_tokens(["Yes", "Yes"])
 
 
-def test_shared_prefix_is_encoded_once_without_changing_scores() -> None:
-    """Few-shot turns shared by every item go through the model once; scores must equal item-by-item ones
-    (in fp32: in bf16 the different batch shapes alone move log-probs by ~0.3)."""
-    model, tok = load_model(resolve_model("smollm2-135m"), dtype=torch.float32)
-    backend = HFBackend(model, tok, "smollm2-fp32")
+def test_logits_are_computed_only_where_read(backend: HFBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = Recorder(backend.model)
+    monkeypatch.setattr(backend, "model", rec)
+    backend.next_token_logprobs(CONVS, ["Yes", "No"], prefill="Answer:", batch_size=2)
+    assert rec.forwards and all(logits[1] == 1 for _, logits in rec.forwards)
+    rec.forwards.clear()
+    backend.next_token_logprobs(CONVS[:1], SPLIT_LABELS, prefill="Answer:")
+    assert rec.forwards[-1][1][1] == 3  # " Yesss" reads 3 positions; rows reading fewer repeat their last
+    assert all(logits[1] <= 3 for _, logits in rec.forwards)
+
+
+@torch.no_grad()
+def test_multi_token_candidates_score_their_whole_sequence(fp32: HFBackend) -> None:
+    """Candidates sharing a first token are told apart by the rest of their tokens."""
+    out = fp32.next_token_logprobs(CONVS[:2], SPLIT_LABELS, prefill="Answer:", batch_size=3)
+    for conv, got in zip(CONVS[:2], out, strict=True):
+        ids = fp32.encode(conv, None, "Answer:")[0]
+        for label in SPLIT_LABELS:
+            toks = fp32.candidate_tokens([label])[0]
+            logits = fp32.model(input_ids=torch.tensor([ids + toks])).logits[0, len(ids) - 1 : -1]
+            expected = torch.log_softmax(logits.float(), -1)[torch.arange(len(toks)), toks].sum()
+            assert got[label] == pytest.approx(float(expected), abs=1e-3)
+    assert len({round(v, 3) for v in out[0].values()}) == len(SPLIT_LABELS)
+
+
+def test_logprob_batches_respect_the_token_budget(fp32: HFBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    free = fp32.next_token_logprobs(CONVS, SPLIT_LABELS, prefill="Answer:", batch_size=16)
+    rec = Recorder(fp32.model)
+    monkeypatch.setattr(fp32, "model", rec)
+    budget = 80
+    capped = fp32.next_token_logprobs(CONVS, SPLIT_LABELS, prefill="Answer:", batch_size=16, max_batch_tokens=budget)
+    assert len(rec.forwards) > 1
+    assert all(rows == 1 or rows * width <= budget for (rows, width), _ in rec.forwards)
+    for a, b in zip(free, capped, strict=True):
+        assert all(abs(a[k] - b[k]) < 1e-3 for k in a)
+
+
+def test_next_token_logprobs_cut_inputs_to_the_context(
+    backend: HFBackend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(backend.model.config, "max_position_embeddings", 64)
+    rec = Recorder(backend.model)
+    monkeypatch.setattr(backend, "model", rec)
+    with caplog.at_level(logging.WARNING, logger="quantsafe.backends"):
+        out = backend.next_token_logprobs([LONG, CONVS[1]], SPLIT_LABELS, prefill="Answer:")
+    assert "1 of 2 inputs" in caplog.text
+    assert all(width <= 64 for (_, width), _ in rec.forwards) and all(v < 0 for v in out[0].values())
+
+
+def test_shared_prefix_is_encoded_once_without_changing_scores(fp32: HFBackend) -> None:
+    """Few-shot turns shared by every item go through the model once; scores must equal item-by-item ones."""
     shots = [{"role": "user", "content": "Is this an example? " * 12}, {"role": "assistant", "content": "Answer: yes"}]
     convs = [[*shots, *c] for c in CONVS]
-    together = backend.next_token_logprobs(convs, ["Yes", "No"], prefill="Answer:", batch_size=2)
-    alone = [backend.next_token_logprobs([c], ["Yes", "No"], prefill="Answer:")[0] for c in convs]
+    labels = ["Yes", "No", " Yep", " Yup"]
+    together = fp32.next_token_logprobs(convs, labels, prefill="Answer:", batch_size=2)
+    alone = [fp32.next_token_logprobs([c], labels, prefill="Answer:", batch_size=1)[0] for c in convs]
     for a, b in zip(together, alone, strict=True):
         assert all(abs(a[k] - b[k]) < 1e-3 for k in a)

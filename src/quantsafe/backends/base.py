@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 Message = dict[str, str]
 """One chat turn, {"role": ..., "content": ...}."""
 
+DEFAULT_MAX_BATCH_TOKENS = 16384
+"""Padded tokens per forward batch: bounds memory when a batch holds long items."""
+
 
 class DecodingConfig(BaseModel):
     """Decoding settings; hashed into every generation's key and stored beside every response."""
@@ -22,14 +25,22 @@ class DecodingConfig(BaseModel):
     seed: int = 0
     system_prompt: str | None = None
     batch_size: int = Field(8, ge=1)
+    max_batch_tokens: int = Field(
+        DEFAULT_MAX_BATCH_TOKENS, ge=1,
+        description="cap on rows x (longest prompt + max_new_tokens) per batch; a longer item runs alone",
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="cut the last user message so the prompt fits (the model's context always applies)",
+    )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
     def key_fields(self) -> dict[str, object]:
-        """The settings that change outputs (batch size is excluded: it only changes speed)."""
-        return self.model_dump(exclude={"batch_size"})
+        """Every setting, batching included: the seed is reset per batch and padding moves bf16 greedy outputs,
+        so batch composition changes what comes out."""
+        return self.model_dump()
 
 
 class Generation(BaseModel):
@@ -39,6 +50,7 @@ class Generation(BaseModel):
     n_prompt_tokens: int
     n_new_tokens: int
     finished: bool  # hit EOS (True) or ran out of max_new_tokens (False)
+    truncated: bool = False  # the last user message was cut to fit the context / max_prompt_tokens
 
 
 @runtime_checkable
@@ -53,7 +65,8 @@ class Backend(Protocol):
 
     def next_token_logprobs(
         self, conversations: Sequence[list[Message]], candidates: Sequence[str], prefill: str = "",
-        batch_size: int = 8,
+        batch_size: int = 8, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     ) -> list[dict[str, float]]:
-        """Log-probabilities of each candidate's first token right after the assistant turn opens with prefill."""
+        """Log-probability of each candidate's whole token sequence right after the assistant turn opens with
+        prefill."""
         ...

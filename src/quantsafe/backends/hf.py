@@ -1,16 +1,20 @@
-"""Hugging Face transformers backend: chat template, left padding, length-sorted batches."""
+"""Hugging Face transformers backend: chat template, left padding, length-sorted token-budgeted batches."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from quantsafe.backends.base import DecodingConfig, Generation, Message
+from quantsafe.backends.base import DEFAULT_MAX_BATCH_TOKENS, DecodingConfig, Generation, Message
+from quantsafe.errors import QuantsafeError
 
 MIN_SHARED_PREFIX = 32  # below this, re-encoding the prefix costs less than copying its KV cache
+
+log = logging.getLogger("quantsafe.backends")
 
 
 class HFBackend:
@@ -32,24 +36,51 @@ class HFBackend:
         text: str = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return text + prefill
 
-    def _batches(self, texts: list[str], batch_size: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-        """Yield (original indices, encoded batch), longest first so padding stays small and OOM shows early."""
-        lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
-                                 add_special_tokens=False)
-            yield idx, enc
+    def _tokens(self, text: str) -> list[int]:
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def _prompt_limit(self, reserve: int, cap: int | None = None) -> int | None:
+        """Most prompt tokens that leave `reserve` positions of the model's context free, and at most `cap`."""
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        limit = context - reserve if context else None
+        return cap if limit is None else limit if cap is None else min(limit, cap)
+
+    def encode(
+        self, conversation: list[Message], system_prompt: str | None = None, prefill: str = "",
+        limit: int | None = None,
+    ) -> tuple[list[int], bool]:
+        """Prompt token ids and whether they were cut to fit `limit`. Only the last user message loses its tail
+        (its head states the request) and the conversation is re-rendered, so the chat template stays intact."""
+        ids = self._tokens(self._render(conversation, system_prompt, prefill))
+        if limit is None or len(ids) <= limit:
+            return ids, False
+        msgs = list(conversation)
+        users = [k for k, m in enumerate(msgs) if m["role"] == "user"]
+        content = msgs[users[-1]]["content"] if users else ""
+        while len(ids) > limit and content:
+            enc = self.tokenizer(content, add_special_tokens=False, return_offsets_mapping=True)
+            keep = len(enc["input_ids"]) - (len(ids) - limit)
+            # boundary tokens can merge differently once re-rendered, hence the loop; each pass cuts ≥ 1 char
+            content = content[: min(enc["offset_mapping"][keep][0], len(content) - 1)] if keep > 0 else ""
+            msgs[users[-1]] = {**msgs[users[-1]], "content": content}
+            ids = self._tokens(self._render(msgs, system_prompt, prefill))
+        if len(ids) > limit:
+            raise QuantsafeError(f"a conversation needs {len(ids)} prompt tokens even with its last user message "
+                                 f"emptied; at most {limit} fit")
+        return ids, True
 
     @torch.no_grad()
     def generate(
         self, conversations: Sequence[list[Message]], decoding: DecodingConfig,
         on_batch: Callable[[int], None] | None = None,
     ) -> list[Generation]:
-        texts = [self._render(c, decoding.system_prompt) for c in conversations]
-        out: list[Generation | None] = [None] * len(texts)
-        for idx, enc in self._batches(texts, decoding.batch_size):
+        limit = self._prompt_limit(decoding.max_new_tokens, decoding.max_prompt_tokens)
+        encoded = [self.encode(c, decoding.system_prompt, "", limit) for c in conversations]
+        out: list[Generation | None] = [None] * len(encoded)
+        for idx in _batches([len(ids) for ids, _ in encoded], decoding.batch_size, decoding.max_batch_tokens,
+                            reserve=decoding.max_new_tokens):
+            enc = self.tokenizer.pad({"input_ids": [encoded[i][0] for i in idx]}, return_tensors="pt")
             torch.manual_seed(decoding.seed)
             kwargs: dict[str, Any] = {"max_new_tokens": decoding.max_new_tokens, "do_sample": not decoding.greedy,
                                       "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.eos_ids}
@@ -69,58 +100,91 @@ class HFBackend:
                         new.pop()
                 out[i] = Generation(
                     text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
-                    n_prompt_tokens=int(enc["attention_mask"][row].sum()), n_new_tokens=len(new), finished=finished,
+                    n_prompt_tokens=len(encoded[i][0]), n_new_tokens=len(new), finished=finished,
+                    truncated=encoded[i][1],
                 )
             if on_batch:
                 on_batch(len(idx))
         return [g for g in out if g is not None]
 
-    def candidate_token_ids(self, candidates: Sequence[str]) -> list[int]:
-        """First token of each candidate; distinct candidates must not share it."""
-        ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in candidates]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"candidates {list(candidates)} share a first token: {ids}")
+    def candidate_tokens(self, candidates: Sequence[str]) -> list[list[int]]:
+        """Each candidate's token ids; two candidates with the same ids could not be told apart."""
+        ids = [self._tokens(c) for c in candidates]
+        if not all(ids) or len(set(map(tuple, ids))) != len(ids):
+            raise ValueError(f"candidates {list(candidates)} must be non-empty with distinct token sequences: {ids}")
         return ids
 
     @torch.no_grad()
     def next_token_logprobs(
         self, conversations: Sequence[list[Message]], candidates: Sequence[str], prefill: str = "",
-        batch_size: int = 8,
+        batch_size: int = 8, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     ) -> list[dict[str, float]]:
-        """One forward pass per item; a prefix shared by every item (few-shot turns) is encoded once."""
-        ids = self.candidate_token_ids(candidates)
-        seqs = [self.tokenizer(self._render(c, None, prefill), add_special_tokens=False)["input_ids"]
-                for c in conversations]
-        if not seqs:
+        """Sum of log-probs of each candidate's tokens after the prefill, so a label split into several tokens
+        is read whole. Candidates sharing all but their last token share one row (item + those tokens); logits
+        are computed only at the positions read, and a prefix shared by every row (few-shot turns) once."""
+        cand_ids = self.candidate_tokens(candidates)
+        limit = self._prompt_limit(max(map(len, cand_ids)) - 1)
+        encoded = [self.encode(c, None, prefill, limit) for c in conversations]
+        if not encoded:
             return []
-        shared = _common_prefix_len(seqs) if len(seqs) > 1 else 0
-        shared = min(shared, min(map(len, seqs)) - 1)  # every item keeps at least one token of its own
+        n_cut = sum(cut for _, cut in encoded)
+        if n_cut:
+            log.warning("%s: cut the last user message of %d of %d inputs to fit the context (%s prompt tokens)",
+                        self.name, n_cut, len(encoded), limit)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for j, ids in enumerate(cand_ids):
+            groups.setdefault(tuple(ids[:-1]), []).append(j)
+        rows = [(i, ids + list(head), members) for i, (ids, _) in enumerate(encoded)
+                for head, members in groups.items()]
+        shared = _common_prefix_len([r[1] for r in rows]) if len(rows) > 1 else 0
+        shared = min(shared, min(len(ids) for ids, _ in encoded) - 1)  # every position read stays a row's own
         prefix_cache = None
         if shared >= MIN_SHARED_PREFIX:
-            prefix_cache = self.model(input_ids=torch.tensor([seqs[0][:shared]]), use_cache=True).cache
+            prefix_cache = self.model(input_ids=torch.tensor([rows[0][1][:shared]]), use_cache=True,
+                                      logits_to_keep=1).cache
         else:
             shared = 0
         pad = self.tokenizer.pad_token_id
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-        out: list[dict[str, float]] = [{} for _ in seqs]
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            own = [seqs[i][shared:] for i in idx]
-            width = max(map(len, own))
+        scores = [[0.0] * len(candidates) for _ in encoded]
+        for idx in _batches([len(r[1]) for r in rows], batch_size, max_batch_tokens):
+            own = [rows[r][1][shared:] for r in idx]
+            n_read = [len(cand_ids[rows[r][2][0]]) for r in idx]
+            width, reads = max(map(len, own)), max(n_read)
             # right padding: causal attention keeps real tokens blind to the pads after them
             input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in own])
             mask = torch.tensor([[1] * (shared + len(s)) + [0] * (width - len(s)) for s in own])
+            # each row reads its last n positions; shorter rows repeat their last one to fill the tensor
+            keep = torch.tensor([[len(s) - n + min(m, n - 1) for m in range(reads)]
+                                 for s, n in zip(own, n_read, strict=True)])
             kwargs: dict[str, Any] = {}
             if prefix_cache is not None:
                 cache = copy.deepcopy(prefix_cache)
                 cache.batch_repeat_interleave(len(idx))
                 kwargs["cache"] = cache
-            logits = self.model(input_ids=input_ids, attention_mask=mask, **kwargs).logits
-            last = logits[torch.arange(len(idx)), torch.tensor([len(s) - 1 for s in own])].float()
-            logp = torch.log_softmax(last, dim=-1)[:, ids]
-            for row, i in enumerate(idx):
-                out[i] = {c: float(v) for c, v in zip(candidates, logp[row].tolist(), strict=True)}
-        return out
+            logits = self.model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep, **kwargs).logits
+            if logits.shape[1] != reads:
+                raise TypeError(f"{type(self.model).__name__} ignores logits_to_keep; it needs a transformers "
+                                "causal LM that supports it")
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            for row, r in enumerate(idx):
+                item, _, members = rows[r]
+                for j in members:
+                    toks = cand_ids[j]
+                    scores[item][j] = float(logp[row, torch.arange(len(toks)), torch.tensor(toks)].sum())
+        return [dict(zip(candidates, s, strict=True)) for s in scores]
+
+
+def _batches(lengths: Sequence[int], batch_size: int, max_tokens: int, reserve: int = 0) -> list[list[int]]:
+    """Indices longest first (padding stays small, OOM shows early), cut so a batch holds at most batch_size rows
+    and rows x (its longest + reserve) ≤ max_tokens; a row over the budget runs alone."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        cur = batches[-1] if batches else []
+        if cur and len(cur) < batch_size and (len(cur) + 1) * (lengths[cur[0]] + reserve) <= max_tokens:
+            cur.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def _common_prefix_len(seqs: Sequence[list[int]]) -> int:
