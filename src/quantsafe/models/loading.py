@@ -18,10 +18,11 @@ from pydantic import BaseModel
 
 from quantsafe.datadir import cache_dir
 from quantsafe.errors import QuantsafeError
-from quantsafe.hashing import file_sha256, stable_hash
+from quantsafe.hashing import cached_file_sha256, file_sha256, stable_hash
 from quantsafe.models.registry import KNOWN_MODELS, ModelSpec
 
 SOURCE_FILE = "quantsafe_source.json"
+WEIGHT_HASH_CACHE = "weight_sha256.json"  # under cache_dir(); see cached_file_sha256
 
 
 class ResolvedModel(BaseModel):
@@ -97,11 +98,13 @@ def _from_gguf(gguf: Path, name: str, sha: str, expected: str | None, original: 
 
 
 def _dir_fingerprint(path: Path) -> str:
-    """Identity of a local checkpoint: its config plus the names and sizes of its weight files."""
+    """Identity of a local checkpoint: its config and its weights' bytes, since two fine-tunes of one
+    architecture differ only in the latter. Hashes are cached by file stat, so a resolve reads only new or
+    changed weight files."""
     cfg = (path / "config.json").read_text(encoding="utf-8")
-    files = sorted((p.name, p.stat().st_size) for p in path.glob("*.safetensors"))
-    files += sorted((p.name, p.stat().st_size) for p in path.glob("*.bin"))
-    return stable_hash({"config": cfg, "files": files}, length=64)
+    weights = sorted([*path.glob("*.safetensors"), *path.glob("*.bin")])
+    hashes = cached_file_sha256(weights, cache_dir() / WEIGHT_HASH_CACHE)
+    return stable_hash({"config": cfg, "weights": [(p.name, hashes[p]) for p in weights]}, length=64)
 
 
 def resolve_model(ref: str) -> ResolvedModel:
@@ -122,7 +125,7 @@ def resolve_model(ref: str) -> ResolvedModel:
         meta_file = path / SOURCE_FILE
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
         return ResolvedModel(name=meta.get("name", path.name), path=path, source=str(path),
-                             source_sha256=meta.get("source_sha256", _dir_fingerprint(path)),
+                             source_sha256=meta.get("source_sha256") or _dir_fingerprint(path),
                              dequantized_gguf=bool(meta.get("dequantized_gguf", False)))
     if ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
         return _from_hub(ref)
@@ -143,12 +146,37 @@ def _from_hub(repo_id: str) -> ResolvedModel:
                          source_sha256=local.name, dequantized_gguf=False, original_hub_id=repo_id)
 
 
+def check_model(resolved: ResolvedModel) -> None:
+    """Fail in a second, before anything is written, on a checkpoint that `load_model` would reject later."""
+    _load_tokenizer(resolved.path)
+
+
 def load_model(resolved: ResolvedModel, dtype: torch.dtype = torch.bfloat16) -> tuple[Any, Any]:
     """Load model (eval mode) and tokenizer; bf16 is about twice as fast as fp32 on this class of CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(str(resolved.path))
-    model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dtype).eval()
-    if tok.chat_template is None:
-        raise QuantsafeError(f"{resolved.path}: tokenizer has no chat template; quantsafe needs an instruct model")
+    tok = _load_tokenizer(resolved.path)  # first: it is cheap and the more likely to be missing
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dtype).eval()
+    except Exception as exc:  # transformers raises OSError, ValueError, safetensors errors...; one line is enough
+        raise QuantsafeError(f"{resolved.path}: cannot load the model ({_first_line(exc)})") from exc
     return model, tok
+
+
+def _load_tokenizer(path: Path) -> Any:
+    """The checkpoint's tokenizer; quantsafe prompts every model through its chat template."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # as in load_model: many types, the user needs the directory and a reason
+        raise QuantsafeError(f"{path}: cannot load the tokenizer ({_first_line(exc)}); the directory needs the "
+                             "model's tokenizer files, e.g. tokenizer.json and tokenizer_config.json") from exc
+    if tok.chat_template is None:
+        raise QuantsafeError(f"{path}: tokenizer has no chat template; quantsafe needs an instruct model")
+    return tok
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(" :") if text else type(exc).__name__
