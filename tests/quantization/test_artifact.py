@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from quantsafe.errors import QuantsafeError
 from quantsafe.models import ResolvedModel, resolve_model
 from quantsafe.quantization import QuantConfig, QuantizedArtifact, load_quantized, quantize_variant
-from quantsafe.quantization.artifact import compute_artifact_id, read_manifest
+from quantsafe.quantization.artifact import MANIFEST_FILE, compute_artifact_id, read_manifest
 from quantsafe.quantization.base import Quantizer, register_quantizer
 from quantsafe.quantization.gptq import GPTQQuantizer
 from quantsafe.quantization.rtn import RTNQuantizer
@@ -81,3 +83,12 @@ def test_a_method_without_a_version_cannot_register() -> None:
     unversioned = type("Unversioned", (Quantizer,), {})
     with pytest.raises(ValueError, match="must set the class attribute `version`"):
         register_quantizer("unversioned")(unversioned)
+
+
+@pytest.mark.parametrize(("text", "problem"), [('{"artifact_id": "x"', r"file: Invalid JSON"),
+                                               ('{"artifact_id": 3}', r"artifact_id: Input should be a valid string")])
+def test_broken_manifest_is_one_clear_line(tmp_path: Path, text: str, problem: str) -> None:
+    manifest = tmp_path / MANIFEST_FILE
+    manifest.write_text(text, encoding="utf-8")
+    with pytest.raises(QuantsafeError, match=rf"^{manifest}: not a valid quantsafe manifest \({problem}"):
+        read_manifest(tmp_path)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from quantsafe.errors import QuantsafeError
 from quantsafe.hashing import stable_hash
@@ -110,7 +110,12 @@ def read_manifest(path: Path) -> QuantizedArtifact:
     manifest = Path(path) / MANIFEST_FILE
     if not manifest.is_file():
         raise QuantsafeError(f"{path}: not a quantsafe artifact (no {MANIFEST_FILE})")
-    artifact = QuantizedArtifact.model_validate_json(manifest.read_text(encoding="utf-8"))
+    try:
+        artifact = QuantizedArtifact.model_validate_json(manifest.read_text(encoding="utf-8"))
+    except (ValidationError, UnicodeDecodeError) as err:
+        first = err.errors()[0] if isinstance(err, ValidationError) else {"loc": (), "msg": "not UTF-8"}
+        where = ".".join(str(part) for part in first["loc"]) or "file"
+        raise QuantsafeError(f"{manifest}: not a valid quantsafe manifest ({where}: {first['msg']})") from None
     artifact.path = Path(path)
     return artifact
 
