@@ -115,6 +115,8 @@ def test_next_token_logprobs_are_log_probabilities(backend: HFBackend) -> None:
     assert all(v < 0 for d in out for v in d.values())
     with pytest.raises(ValueError, match="distinct token sequences"):
         backend.candidate_tokens(["Yes", "Yes"])
+    with pytest.raises(ValueError, match="non-empty"):
+        backend.candidate_tokens([])
 
 
 def test_logits_are_computed_only_where_read(backend: HFBackend, monkeypatch: pytest.MonkeyPatch) -> None:

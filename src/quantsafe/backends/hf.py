@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -15,6 +15,14 @@ from quantsafe.errors import QuantsafeError
 MIN_SHARED_PREFIX = 32  # below this, re-encoding the prefix costs less than copying its KV cache
 
 log = logging.getLogger("quantsafe.backends")
+
+
+class _Row(NamedTuple):
+    """One scoring sequence: an item plus the tokens its candidates `members` share before their last one."""
+
+    item: int
+    ids: list[int]
+    members: list[int]
 
 
 class HFBackend:
@@ -43,8 +51,10 @@ class HFBackend:
     def _prompt_limit(self, reserve: int, cap: int | None = None) -> int | None:
         """Most prompt tokens that leave `reserve` positions of the model's context free, and at most `cap`."""
         context = getattr(self.model.config, "max_position_embeddings", None)
-        limit = context - reserve if context else None
-        return cap if limit is None else limit if cap is None else min(limit, cap)
+        limits = [context - reserve] if context else []
+        if cap is not None:
+            limits.append(cap)
+        return min(limits, default=None)
 
     def encode(
         self, conversation: list[Message], system_prompt: str | None = None, prefill: str = "",
@@ -110,7 +120,7 @@ class HFBackend:
     def candidate_tokens(self, candidates: Sequence[str]) -> list[list[int]]:
         """Each candidate's token ids; two candidates with the same ids could not be told apart."""
         ids = [self._tokens(c) for c in candidates]
-        if not all(ids) or len(set(map(tuple, ids))) != len(ids):
+        if not ids or not all(ids) or len(set(map(tuple, ids))) != len(ids):
             raise ValueError(f"candidates {list(candidates)} must be non-empty with distinct token sequences: {ids}")
         return ids
 
@@ -134,21 +144,21 @@ class HFBackend:
         groups: dict[tuple[int, ...], list[int]] = {}
         for j, ids in enumerate(cand_ids):
             groups.setdefault(tuple(ids[:-1]), []).append(j)
-        rows = [(i, ids + list(head), members) for i, (ids, _) in enumerate(encoded)
+        rows = [_Row(i, ids + list(head), members) for i, (ids, _) in enumerate(encoded)
                 for head, members in groups.items()]
-        shared = _common_prefix_len([r[1] for r in rows]) if len(rows) > 1 else 0
+        shared = _common_prefix_len([r.ids for r in rows]) if len(rows) > 1 else 0
         shared = min(shared, min(len(ids) for ids, _ in encoded) - 1)  # every position read stays a row's own
         prefix_cache = None
         if shared >= MIN_SHARED_PREFIX:
-            prefix_cache = self.model(input_ids=torch.tensor([rows[0][1][:shared]]), use_cache=True,
+            prefix_cache = self.model(input_ids=torch.tensor([rows[0].ids[:shared]]), use_cache=True,
                                       logits_to_keep=1).cache
         else:
             shared = 0
         pad = self.tokenizer.pad_token_id
         scores = [[0.0] * len(candidates) for _ in encoded]
-        for idx in _batches([len(r[1]) for r in rows], batch_size, max_batch_tokens):
-            own = [rows[r][1][shared:] for r in idx]
-            n_read = [len(cand_ids[rows[r][2][0]]) for r in idx]
+        for idx in _batches([len(r.ids) for r in rows], batch_size, max_batch_tokens):
+            own = [rows[r].ids[shared:] for r in idx]
+            n_read = [len(cand_ids[rows[r].members[0]]) for r in idx]
             width, reads = max(map(len, own)), max(n_read)
             # right padding: causal attention keeps real tokens blind to the pads after them
             input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in own])
@@ -163,14 +173,13 @@ class HFBackend:
                 kwargs["cache"] = cache
             logits = self.model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep, **kwargs).logits
             if logits.shape[1] != reads:
-                raise TypeError(f"{type(self.model).__name__} ignores logits_to_keep; it needs a transformers "
-                                "causal LM that supports it")
+                raise QuantsafeError(f"{type(self.model).__name__} ignores logits_to_keep; scoring needs a "
+                                     "transformers causal LM whose forward takes it")
             logp = torch.log_softmax(logits.float(), dim=-1)
             for row, r in enumerate(idx):
-                item, _, members = rows[r]
-                for j in members:
+                for j in rows[r].members:
                     toks = cand_ids[j]
-                    scores[item][j] = float(logp[row, torch.arange(len(toks)), torch.tensor(toks)].sum())
+                    scores[rows[r].item][j] = float(logp[row, torch.arange(len(toks)), torch.tensor(toks)].sum())
         return [dict(zip(candidates, s, strict=True)) for s in scores]
 
 
