@@ -85,10 +85,11 @@ def test_a_method_without_a_version_cannot_register() -> None:
         register_quantizer("unversioned")(unversioned)
 
 
-@pytest.mark.parametrize(("text", "problem"), [('{"artifact_id": "x"', r"file: Invalid JSON"),
-                                               ('{"artifact_id": 3}', r"artifact_id: Input should be a valid string")])
-def test_broken_manifest_is_one_clear_line(tmp_path: Path, text: str, problem: str) -> None:
+@pytest.mark.parametrize(("content", "problem"), [(b'{"artifact_id": "x"', r"file: Invalid JSON"),
+                                                  (b'{"artifact_id": "\xff"}', r"file: Invalid JSON"),
+                                                  (b'{"artifact_id": 3}', r"artifact_id: Input should be a valid str")])
+def test_broken_manifest_is_one_clear_line(tmp_path: Path, content: bytes, problem: str) -> None:
     manifest = tmp_path / MANIFEST_FILE
-    manifest.write_text(text, encoding="utf-8")
+    manifest.write_bytes(content)
     with pytest.raises(QuantsafeError, match=rf"^{manifest}: not a valid quantsafe manifest \({problem}"):
         read_manifest(tmp_path)

@@ -111,9 +111,9 @@ def read_manifest(path: Path) -> QuantizedArtifact:
     if not manifest.is_file():
         raise QuantsafeError(f"{path}: not a quantsafe artifact (no {MANIFEST_FILE})")
     try:
-        artifact = QuantizedArtifact.model_validate_json(manifest.read_text(encoding="utf-8"))
-    except (ValidationError, UnicodeDecodeError) as err:
-        first = err.errors()[0] if isinstance(err, ValidationError) else {"loc": (), "msg": "not UTF-8"}
+        artifact = QuantizedArtifact.model_validate_json(manifest.read_bytes())  # bytes: bad UTF-8 is invalid JSON
+    except ValidationError as err:
+        first = err.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "file"
         raise QuantsafeError(f"{manifest}: not a valid quantsafe manifest ({where}: {first['msg']})") from None
     artifact.path = Path(path)
