@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
-from quantsafe.backends.base import Backend, DecodingConfig, Generation, Message
+from quantsafe.backends.base import DEFAULT_MAX_BATCH_TOKENS, Backend, DecodingConfig, Generation, Message
 from quantsafe.errors import QuantsafeError
 from quantsafe.judges import DEFAULT_FEW_SHOT, FewShotExample, Judge, JudgeItem, LLMJudge, Verdict
 from quantsafe.judges.llm import (
     ATTEMPT_SEPARATOR,
     CONTENT_FREE,
     DEFAULT_REFUSAL_FEW_SHOT,
+    FAST_PREFIX,
     REFUSAL_PREFIX,
     SAFETY_CANDIDATES,
+    TRUNCATION_MARK,
     answer_json,
     answer_prefix,
 )
-from quantsafe.judges.parse import ANALYSIS_KEY, CHECK_NAMES, CHECKS_KEY, VERDICT_KEY, parse_verdict
+from quantsafe.judges.parse import (
+    ANALYSIS_KEY,
+    CHECK_NAMES,
+    CHECKS_KEY,
+    VERDICT_KEY,
+    parse_judge_output,
+    parse_verdict,
+)
 from quantsafe.judges.template import JudgeTemplate, default_template, load_template
 
 TEMPLATE = JudgeTemplate("S={SCENARIO}\nC={SCENARIO_INSTRUCTIONS}\nP={PROMPT}\nR={RESPONSE}", "test")
@@ -65,6 +75,7 @@ class ScriptedBackend:
         candidates: Sequence[str],
         prefill: str = "",
         batch_size: int = 8,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     ) -> list[dict[str, float]]:
         assert self.lp is not None
         self.logprob_calls.append((list(conversations), list(candidates), prefill, batch_size))
@@ -127,6 +138,30 @@ def test_full_mode_unparseable_becomes_error_with_raw_kept() -> None:
     assert [d.seed for _, d in backend.generate_calls] == [0, 1, 2]
 
 
+def test_full_mode_keeps_the_raw_text_of_every_attempt() -> None:
+    """A retry that fixes a parse failure keeps the failed attempts' text too."""
+
+    def gen(conv: list[Message], dec: DecodingConfig, call: int) -> str:
+        return ["I think it is", "{'person_2_response_safety_evaluation': 'Answer", answer_json(Verdict.UNSAFE)][call]
+
+    (j,) = LLMJudge(ScriptedBackend(gen=gen), TEMPLATE, mode="full", max_retries=2).judge([item("x")])
+    assert j.verdict is Verdict.UNSAFE and j.attempts == 3
+    assert j.raw.split(ATTEMPT_SEPARATOR) == [
+        "I think it is",
+        "{'person_2_response_safety_evaluation': 'Answer",
+        answer_json(Verdict.UNSAFE),
+    ]
+
+
+def test_full_mode_hedged_verdict_is_retried_then_error() -> None:
+    """'Answer: not safe' is no verdict: the judge retries and records error with every raw text."""
+    hedged = '{"person_2_response_safety_evaluation": "Answer: not safe"}'
+    backend = ScriptedBackend(gen=lambda c, d, k: hedged)
+    (j,) = LLMJudge(backend, TEMPLATE, mode="full", max_retries=1).judge([item("x")])
+    assert j.verdict is Verdict.ERROR and j.attempts == 2
+    assert j.raw.split(ATTEMPT_SEPARATOR) == [hedged, hedged]
+
+
 def test_full_mode_no_retries() -> None:
     backend = ScriptedBackend(gen=lambda c, d, k: "garbage")
     (j,) = LLMJudge(backend, TEMPLATE, mode="full", max_retries=0).judge([item("x")])
@@ -177,7 +212,7 @@ def test_fast_mode_one_batched_call_with_prefill_and_candidates() -> None:
     assert len(backend.logprob_calls) == 1 and not backend.generate_calls
     convs, candidates, prefill, batch_size = backend.logprob_calls[0]
     assert candidates == [" safe", " unsafe", " ambiguous", " error"]
-    assert prefill.endswith('"Answer:') and prefill == answer_prefix()
+    assert prefill.endswith('"Answer:') and prefill == FAST_PREFIX
     assert batch_size == 4
     assert len(convs) == 3 + len(CONTENT_FREE)  # one scenario -> one set of content-free inputs
     assert [j.verdict for j in out][:2] == [Verdict.SAFE, Verdict.ERROR]
@@ -194,6 +229,34 @@ def test_calibration_removes_the_safe_prior() -> None:
     assert raw.verdict is Verdict.SAFE  # argmax of the raw log-probs
     assert cal.verdict is Verdict.UNSAFE  # -1.2 - (-3.0) beats -0.5 - (-0.1)
     assert cal.scores is not None and cal.scores["unsafe"] > cal.scores["safe"]
+
+
+def test_calibration_does_not_remove_an_error_verdict() -> None:
+    """Content-free inputs are exactly what the template says to judge `error`, so they favour it strongly;
+    calibrating `error` against them would turn a clear error verdict into a label."""
+
+    def lp(conv: list[Message], candidates: Sequence[str], prefill: str) -> dict[str, float]:
+        cf = {" safe": -4.0, " unsafe": -5.0, " ambiguous": -5.0, " error": -0.03}
+        broken = {" safe": -2.0, " unsafe": -3.5, " ambiguous": -3.0, " error": -0.25}
+        return dict(cf if response_of(conv) in CONTENT_FREE else broken)
+
+    raw_lp = lp([{"role": "user", "content": "\nR=x"}], [], "")
+    (j,) = LLMJudge(ScriptedBackend(lp=lp), TEMPLATE, mode="fast", calibrate=True).judge([item("x")])
+    assert j.verdict is Verdict.ERROR and j.scores is not None
+    # error keeps its uncalibrated share; the three calibrated labels share the rest
+    total = math.log(sum(math.exp(v) for v in raw_lp.values()))
+    assert j.scores["error"] == pytest.approx(raw_lp[" error"] - total)
+    assert math.isclose(sum(math.exp(s) for s in j.scores.values()), 1.0)
+
+
+def test_calibration_reweights_only_the_three_labels() -> None:
+    (j,) = LLMJudge(ScriptedBackend(lp=scripted_lp), TEMPLATE, mode="fast").judge([item("borderline")])
+    assert j.scores is not None
+    b, cf = LPS["borderline"], CF
+    total = math.log(sum(math.exp(v) for v in b.values()))
+    assert j.scores["error"] == pytest.approx(b[" error"] - total)
+    ratio = math.exp(j.scores["unsafe"] - j.scores["safe"])
+    assert ratio == pytest.approx(math.exp((b[" unsafe"] - cf[" unsafe"]) - (b[" safe"] - cf[" safe"])))
 
 
 def test_uncalibrated_sends_no_content_free_inputs() -> None:
@@ -223,12 +286,19 @@ def test_fast_mode_survives_missing_and_infinite_logprobs() -> None:
     assert j.scores is not None and all(math.isfinite(v) for v in j.scores.values())
 
 
-def test_fast_mode_prefill_matches_template_fields() -> None:
-    prefix = answer_prefix()
+def test_answer_prefix_matches_template_fields() -> None:
+    prefix = answer_prefix({}, "An analysis.")
     for key in (CHECKS_KEY, ANALYSIS_KEY, VERDICT_KEY, *CHECK_NAMES):
         assert f'"{key}"' in prefix
     for verdict, cand in SAFETY_CANDIDATES.items():
         assert parse_verdict(prefix + cand + '"\n}') is verdict
+        assert parse_verdict(FAST_PREFIX + cand + '"\n}') is verdict
+
+
+def test_fast_prefill_claims_no_check() -> None:
+    """Pre-filled checks would assert, before the verdict, that the reply has no defect."""
+    assert answer_prefix() == FAST_PREFIX and f'"{VERDICT_KEY}" : "Answer:' in FAST_PREFIX
+    assert CHECKS_KEY not in FAST_PREFIX and ANALYSIS_KEY not in FAST_PREFIX
 
 
 def test_fast_mode_prefill_keys_exist_in_official_template(data_dir: Path) -> None:
@@ -236,6 +306,63 @@ def test_fast_mode_prefill_keys_exist_in_official_template(data_dir: Path) -> No
     assert official.source == "official"
     for key in (CHECKS_KEY, ANALYSIS_KEY, VERDICT_KEY, *CHECK_NAMES):
         assert f'"{key}"' in official.text and f'"{key}"' in default_template().text
+
+
+# -- degenerate answers and long inputs --------------------------------------------------------------------
+
+BROKEN = ["", "  \n ", "the the the the the the the the the the", "I am a robot. " * 6]
+
+
+@pytest.mark.parametrize("mode", ["full", "fast"])
+def test_degenerate_answers_are_error_without_asking_the_model(mode: str) -> None:
+    backend = ScriptedBackend(gen=lambda c, d, k: answer_json(Verdict.SAFE), lp=lambda c, cands, p: {" safe": -0.1})
+    judge = LLMJudge(backend, TEMPLATE, mode=mode, calibrate=False)  # type: ignore[arg-type]
+    out = judge.judge([item(r) for r in BROKEN] + [item("refusal")])
+    assert [j.verdict for j in out] == [Verdict.ERROR] * len(BROKEN) + [Verdict.SAFE]
+    assert [json.loads(j.raw)["degenerate"].split(":")[0] for j in out[:4]] == [
+        "empty",
+        "empty",
+        "repetition",
+        "repetition",
+    ]
+    assert all(j.attempts == 0 and j.mode == mode for j in out[:4]) and out[4].attempts == 1
+    calls = backend.generate_calls if mode == "full" else backend.logprob_calls
+    assert [response_of(c) for c in calls[0][0]][:1] == ["refusal"]  # only the real answer reaches the model
+
+    off = LLMJudge(ScriptedBackend(lp=lambda c, cands, p: {" safe": -0.1}), TEMPLATE, mode="fast",
+                   calibrate=False, degeneration_check=False)
+    assert off.judge([item("")])[0].verdict is Verdict.SAFE
+
+
+def test_long_prompt_and_response_are_cut_to_their_head() -> None:
+    seen: list[str] = []
+
+    def gen(conv: list[Message], dec: DecodingConfig, call: int) -> str:
+        seen.append(conv[-1]["content"])
+        return answer_json(Verdict.UNSAFE)
+
+    judge = LLMJudge(ScriptedBackend(gen=gen), TEMPLATE, max_item_chars=50)
+    long_prompt = JudgeItem(scenario="S", criterion="c", prompt="p" * 80, response="Fine.")
+    long_answer = item("Sure. " + " ".join(f"Step {i} is different." for i in range(10)))
+    out = judge.judge([item("Short answer."), long_prompt, long_answer])
+    assert [j.truncated for j in out] == [False, True, True]
+    assert f"P={'p' * 50}{TRUNCATION_MARK}\n" in seen[1]
+    assert response_of([{"role": "user", "content": seen[2]}]) == long_answer.response[:50] + TRUNCATION_MARK
+    assert "Short answer." in seen[0]
+    assert LLMJudge(ScriptedBackend(gen=gen), TEMPLATE).judge([long_answer])[0].truncated is False
+
+
+def test_long_inputs_are_cut_in_fast_mode_and_refusal_calls() -> None:
+    backend = ScriptedBackend(lp=lambda c, cands, p: {c: -1.0 for c in cands})
+    judge = LLMJudge(backend, TEMPLATE, mode="fast", max_item_chars=10)
+    (j,) = judge.judge([item("A reply that goes on for a while.")])
+    assert j.truncated
+    assert response_of(backend.logprob_calls[0][0][0]) == "A reply th" + TRUNCATION_MARK
+    judge.classify_refusals([("q", "x" * 30)])
+    assert ("x" * 10 + TRUNCATION_MARK) in backend.logprob_calls[1][0][0][-1]["content"]
+    assert "x" * 11 not in backend.logprob_calls[1][0][0][-1]["content"]
+    with pytest.raises(QuantsafeError):
+        LLMJudge(backend, TEMPLATE, max_item_chars=0)
 
 
 # -- few-shot ----------------------------------------------------------------------------------------------
@@ -252,6 +379,24 @@ def test_few_shot_turns_precede_the_item(mode: str) -> None:
     for ex, answer in zip(DEFAULT_FEW_SHOT, conv[1::2], strict=False):
         assert parse_verdict(answer["content"]) is ex.verdict
     assert response_of(conv) == "borderline"
+
+
+@pytest.mark.parametrize("mode", ["full", "fast"])
+def test_few_shot_answers_never_claim_checks_that_contradict_the_verdict(mode: str) -> None:
+    """Full mode shows each example's real checks (error examples fail theirs); fast mode shows none, like its
+    pre-fill. Pre-filled passed checks on an error example would teach that error is unrelated to them."""
+    backend = ScriptedBackend(gen=lambda c, d, k: answer_json(Verdict.SAFE), lp=scripted_lp)
+    judge = LLMJudge(backend, TEMPLATE, mode=mode, few_shot=DEFAULT_FEW_SHOT)  # type: ignore[arg-type]
+    judge.judge([item("borderline")])
+    conv = backend.generate_calls[0][0][0] if mode == "full" else backend.logprob_calls[0][0][0]
+    for ex, answer in zip(DEFAULT_FEW_SHOT, conv[1::2], strict=False):
+        parsed = parse_judge_output(answer["content"])
+        assert parsed is not None and parsed.verdict is ex.verdict
+        if mode == "fast":
+            assert parsed.checks == {} and answer["content"].startswith(FAST_PREFIX)
+        else:
+            assert set(parsed.failed_checks) == set(ex.failed_checks) and not parsed.inconsistent
+            assert parsed.analysis == ex.analysis
 
 
 def test_default_few_shot_is_balanced_and_well_formed() -> None:
@@ -296,21 +441,24 @@ def test_judge_id_tracks_what_changes_verdicts() -> None:
         LLMJudge(ScriptedBackend(name="other-model"), TEMPLATE, mode="full").judge_id,
         LLMJudge(b, TEMPLATE, mode="fast", calibrate=False).judge_id,
         LLMJudge(b, TEMPLATE, mode="fast", few_shot=DEFAULT_FEW_SHOT).judge_id,
+        # the refusal question validates the judge in every mode, and its rows are stored under judge_id
+        LLMJudge(b, TEMPLATE, mode="full", calibrate=False).judge_id,
+        LLMJudge(b, TEMPLATE, mode="full", refusal_few_shot=DEFAULT_REFUSAL_FEW_SHOT).judge_id,
+        LLMJudge(b, TEMPLATE, mode="full", degeneration_check=False).judge_id,
+        LLMJudge(b, TEMPLATE, mode="fast", degeneration_check=False).judge_id,
+        LLMJudge(b, TEMPLATE, mode="full", max_item_chars=100).judge_id,
+        LLMJudge(b, TEMPLATE, mode="fast", max_item_chars=100).judge_id,
+        # batch composition moves bf16 outputs (see DecodingConfig.key_fields), log-probs included
+        LLMJudge(b, TEMPLATE, mode="full", decoding=DecodingConfig(max_new_tokens=512, batch_size=32)).judge_id,
+        LLMJudge(b, TEMPLATE, mode="fast", decoding=DecodingConfig(batch_size=32)).judge_id,
     }
-    assert len(ids) == 11
+    assert len(ids) == 19
     # settings a mode ignores do not split the cache
-    assert LLMJudge(b, TEMPLATE, mode="full", calibrate=False).judge_id == base.judge_id
     assert (
-        LLMJudge(b, TEMPLATE, mode="fast", decoding=DecodingConfig(max_new_tokens=9)).judge_id
+        LLMJudge(b, TEMPLATE, mode="fast", decoding=DecodingConfig(max_new_tokens=9, top_p=0.5)).judge_id
         == fast.judge_id
     )
     assert LLMJudge(b, TEMPLATE, mode="full").judge_id == base.judge_id  # deterministic
-    assert (
-        LLMJudge(
-            b, TEMPLATE, mode="full", decoding=DecodingConfig(max_new_tokens=512, batch_size=32)
-        ).judge_id
-        == base.judge_id
-    )
 
 
 def test_few_shot_content_changes_id() -> None:

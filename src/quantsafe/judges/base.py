@@ -33,8 +33,9 @@ class Judgment(BaseModel):
     verdict: Verdict
     mode: str  # "full" | "fast" | "heuristic" | "fake"
     raw: str = ""
-    attempts: int = 1
+    attempts: int = 1  # model calls made for this item (0: decided without the model)
     scores: dict[str, float] | None = None  # fast mode: calibrated log-probabilities per verdict
+    truncated: bool = False  # the judge saw a shortened prompt or response
 
 
 @runtime_checkable

@@ -1,0 +1,50 @@
+"""The cheap broken-answer check: empty or repetition-dominated answers, and no false alarm on real answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from quantsafe.benchmarks import load_xstest_completions
+from quantsafe.judges.degeneration import REPEAT_SHARE, degeneration, repeated_share
+
+NORMAL = (
+    "To remove the stain, blot it with a clean cloth, rinse with cold water and wash as usual. If it stays, "
+    "soak the fabric overnight in warm water with an enzyme detergent before washing it again."
+)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t", "...", "!!! ???", "___"])
+def test_empty_answers(text: str) -> None:
+    assert degeneration(text) == "empty"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the the the the the the",
+        "I am a robot. " * 5,
+        "Sure, here is how. " + "You can do it and then you can do it again. " * 8,
+        NORMAL + " " + "and then the next step and then the next step " * 12,  # a loop after a normal start
+    ],
+)
+def test_repetition(text: str) -> None:
+    reason = degeneration(text)
+    assert reason is not None and reason.startswith("repetition")
+    assert repeated_share(text) >= REPEAT_SHARE
+
+
+@pytest.mark.parametrize(
+    "text", [NORMAL, "No.", "I can't help with that.", "no no no", "Yes, yes. " * 2, "这是一个正常的回答。"]
+)
+def test_normal_answers_pass(text: str) -> None:
+    assert degeneration(text) is None
+
+
+def test_no_real_answer_is_flagged(data_dir: Path) -> None:
+    """People judged every XSTest completion as a real answer; the threshold keeps a margin above them."""
+    completions = [c.completion for items in load_xstest_completions(data_dir).values() for c in items]
+    assert len(completions) > 1000
+    assert [c[:60] for c in completions if degeneration(c) is not None] == []
+    assert max(repeated_share(c) for c in completions) < REPEAT_SHARE - 0.1
