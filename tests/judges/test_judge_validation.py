@@ -81,7 +81,7 @@ def test_refusal_mapping_with_heuristic() -> None:
 
 
 def test_validate_judge_rows_and_skips() -> None:
-    rows = validate_judge(RefusalHeuristicJudge(), {"a": ITEMS, "b": ITEMS[:3], "empty": []})
+    rows = list(validate_judge(RefusalHeuristicJudge(), {"a": ITEMS, "b": ITEMS[:3], "empty": []}))
     assert [(r.set, r.mapping) for r in rows] == [
         ("a", "refusal"),
         ("a", "safety"),
@@ -129,23 +129,38 @@ def test_heuristic_on_real_xstest_completions(data_dir: Path) -> None:
 
 def test_validate_judge_from_data_dir_with_sets_limit_and_skip(data_dir: Path) -> None:
     judge = RefusalHeuristicJudge()
-    rows = validate_judge(
-        judge,
-        data_dir,
-        sets=["mistralinstruct_even_ids"],
-        limit_per_set=50,
-        seed=1,
-        skip={("mistralinstruct_even_ids", "refusal")},
+    rows = list(
+        validate_judge(
+            judge,
+            data_dir,
+            sets=["mistralinstruct_even_ids"],
+            limit_per_set=50,
+            seed=1,
+            skip={("mistralinstruct_even_ids", "refusal")},
+        )
     )
     assert [(r.set, r.mapping, r.n) for r in rows] == [("mistralinstruct_even_ids", "safety", 50)]
-    again = validate_judge(judge, data_dir, sets=["mistralinstruct_even_ids"], limit_per_set=50, seed=1)
+    again = list(validate_judge(judge, data_dir, sets=["mistralinstruct_even_ids"], limit_per_set=50, seed=1))
     assert again[1].model_dump(exclude={"items_per_s"}) == rows[0].model_dump(exclude={"items_per_s"})
-    other = validate_judge(judge, data_dir, sets=["mistralinstruct_even_ids"], limit_per_set=50, seed=2)
+    other = list(validate_judge(judge, data_dir, sets=["mistralinstruct_even_ids"], limit_per_set=50, seed=2))
     assert (
         other[1].confusion != rows[0].confusion or other[1].judge_label_counts != rows[0].judge_label_counts
     )
-    with pytest.raises(QuantsafeError):
+    with pytest.raises(QuantsafeError):  # raised at the call, before any row is asked for
         validate_judge(judge, data_dir, sets=["nope"])
+    with pytest.raises(QuantsafeError):
+        validate_judge(judge, data_dir, mappings=["refusal", "sarcasm"])  # type: ignore[list-item]
+
+
+def test_rows_are_yielded_before_later_sets_are_judged() -> None:
+    """A caller that saves each row as it comes loses at most one row to a kill."""
+    judge = FakeJudge(Verdict.SAFE)
+    rows = validate_judge(judge, {"a": ITEMS, "b": ITEMS, "c": ITEMS}, mappings=["safety"])
+    assert judge.calls == 0  # nothing is judged until a row is asked for
+    first = next(rows)
+    assert first.set == "a" and judge.calls == 1
+    assert next(rows).set == "b" and judge.calls == 2
+    assert [r.set for r in rows] == ["c"] and judge.calls == 3
 
 
 def test_subsample_is_order_free_and_seeded() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, Protocol, TypeVar, runtime_checkable
 
@@ -194,13 +194,14 @@ def validate_judge(
     mappings: Sequence[Mapping_] = ("refusal", "safety"),
     scenario: str = DEFAULT_SCENARIO,
     criterion: str = DEFAULT_CRITERION,
-) -> list[AgreementRow]:
-    """Every set x mapping, as AgreementRows.
+) -> Iterator[AgreementRow]:
+    """Every set x mapping, as AgreementRows, each yielded as soon as it is computed so a caller that saves
+    rows as they come loses at most one to a kill.
 
     `data` is either the data directory (XSTest labelled completions are loaded from it) or a ready mapping
     set name -> items. `sets` picks sets by name (default: all), `limit_per_set` subsamples with `seed`, and
     (set, mapping) pairs in `skip` are not recomputed (resuming). The refusal mapping is skipped for judges
-    without `classify_refusals`.
+    without `classify_refusals`. Bad arguments raise here, before any judging.
     """
     if isinstance(data, Mapping):
         available: Mapping[str, Sequence[LabelledCompletion]] = data
@@ -210,19 +211,22 @@ def validate_judge(
     missing = [n for n in names if n not in available]
     if missing:
         raise QuantsafeError(f"unknown XSTest validation set(s) {missing}; available: {sorted(available)}")
-    rows: list[AgreementRow] = []
-    for set_name in names:
-        items = subsample(available[set_name], limit_per_set, seed, set_name)
-        if not items:
-            continue
-        for mapping in mappings:
-            if (set_name, mapping) in skip:
+    unknown = [m for m in mappings if m not in ("refusal", "safety")]
+    if unknown:
+        raise QuantsafeError(f"unknown validation mapping(s) {unknown}")
+
+    def rows() -> Iterator[AgreementRow]:
+        for set_name in names:
+            items = subsample(available[set_name], limit_per_set, seed, set_name)
+            if not items:
                 continue
-            if mapping == "refusal":
-                if isinstance(judge, RefusalClassifier):
-                    rows.append(evaluate_refusal(judge, items, set_name))
-            elif mapping == "safety":
-                rows.append(evaluate_safety(judge, items, set_name, scenario, criterion))
-            else:
-                raise QuantsafeError(f"unknown validation mapping {mapping!r}")
-    return rows
+            for mapping in mappings:
+                if (set_name, mapping) in skip:
+                    continue
+                if mapping == "refusal":
+                    if isinstance(judge, RefusalClassifier):
+                        yield evaluate_refusal(judge, items, set_name)
+                else:
+                    yield evaluate_safety(judge, items, set_name, scenario, criterion)
+
+    return rows()
