@@ -48,7 +48,7 @@ def test_real_counts(data_dir: Path) -> None:
     assert {p.lang for p in prompts} == {"en"}
     assert len({p.uid for p in prompts}) == 1067
     assert all(p.text == p.text.strip() and p.text for p in prompts)
-    assert prompts[0].uid.startswith("opensafetymini/en/")
+    assert prompts[0].human_id.startswith("opensafetymini/en/")
 
 
 def test_prompts_are_english_xsafety_rows(data_dir: Path) -> None:

@@ -19,7 +19,7 @@ def test_real_prompts(data_dir: Path) -> None:
     assert Counter(p.label for p in prompts) == {"safe": 250, "unsafe": 200}
     assert all((p.label == "unsafe") == p.scenario.startswith("contrast_") for p in prompts)
     assert len({p.scenario for p in prompts}) == 18
-    assert prompts[0].uid == "xstest/en/1"
+    assert prompts[0].human_id == "xstest/en/1"
 
 
 def test_real_completions(data_dir: Path) -> None:

@@ -65,3 +65,82 @@ def test_unknown_quantizer_in_study(tmp_path: Path, data_dir: Path) -> None:
     proc = _run("run", str(_study(tmp_path, body)), "--out", str(tmp_path / "o"), "--data-dir", str(data_dir))
     assert proc.returncode == 2 and "variants.0" in proc.stderr and "nosuch" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+HEURISTIC = "name: x\nbenchmarks: [{name: opensafetymini, limit: 2}]\njudges: [{kind: heuristic}]\n" \
+            "models: [smollm2-135m]\n"
+
+
+def _linked_data(tmp_path: Path, data_dir: Path) -> Path:
+    """A data dir that shares the real files but lets a test replace one of them."""
+    root = tmp_path / "data"
+    root.mkdir()
+    for child in data_dir.iterdir():
+        (root / child.name).symlink_to(child)
+    return root
+
+
+def _fails_cleanly(proc: subprocess.CompletedProcess[str], needle: str, out: Path) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (out / "quantsafe.db").exists()
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ("name: x\nbenchmarks: [{name: opensafetymini}]\njudges: [{kind: heuristic}]\nvariants: []\n", "variants"),
+    ("name: x\nbenchmarks: []\njudges: [{kind: heuristic}]\n", "benchmarks"),
+    ("name: x\nbenchmarks: [{name: opensafetymini}]\njudges: []\n", "judges"),
+    (HEURISTIC + "validation: {sets: [no_such_file]}\n", "no_such_file"),
+    (HEURISTIC.replace("[{kind: heuristic}]", "[{kind: llm, model: /no/judge}]"), "/no/judge"),
+])
+def test_study_problems_are_found_before_anything_runs(tmp_path: Path, data_dir: Path, body: str,
+                                                      needle: str) -> None:
+    out = tmp_path / "out"
+    _fails_cleanly(_run("run", str(_study(tmp_path, body)), "--out", str(out), "--data-dir", str(data_dir)),
+                   needle, out)
+
+
+def test_out_under_a_file(tmp_path: Path, data_dir: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "out"
+    proc = _run("run", str(_study(tmp_path, HEURISTIC)), "--out", str(out), "--data-dir", str(data_dir))
+    _fails_cleanly(proc, "is a file", out)
+
+
+def test_model_dir_without_tokenizer(tmp_path: Path, data_dir: Path) -> None:
+    from quantsafe.models import resolve_model
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text((resolve_model("smollm2-135m").path / "config.json").read_text())
+    body = HEURISTIC.replace("models: [smollm2-135m]", f"models: [{model}]")
+    out = tmp_path / "out"
+    _fails_cleanly(_run("run", str(_study(tmp_path, body)), "--out", str(out), "--data-dir", str(data_dir)),
+                   str(model), out)
+
+
+def test_broken_judge_template_is_found_before_generation(tmp_path: Path, data_dir: Path) -> None:
+    root = _linked_data(tmp_path, data_dir)
+    (root / "opensafetymini").unlink()
+    osm = root / "opensafetymini"
+    osm.mkdir()
+    for child in (data_dir / "opensafetymini").iterdir():
+        if child.name != "prompts":
+            (osm / child.name).symlink_to(child)
+    (osm / "prompts").mkdir()
+    (osm / "prompts" / "opensafetymini_llm_judge_evaluation_prompt_template.md").write_text("no fields {PROMPT}")
+    body = HEURISTIC.replace("[{kind: heuristic}]", "[{kind: llm, model: smollm2-135m}]")
+    out = tmp_path / "out"
+    _fails_cleanly(_run("run", str(_study(tmp_path, body)), "--out", str(out), "--data-dir", str(root)),
+                   "template", out)
+
+
+@pytest.mark.parametrize("command", ["report", "export"])
+def test_corrupt_or_missing_database(tmp_path: Path, command: str) -> None:
+    proc = _run(command, str(tmp_path))
+    assert proc.returncode == 2 and "no results database" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "quantsafe.db").write_bytes(b"this is not sqlite" * 100)
+    proc = _run(command, str(tmp_path))
+    assert proc.returncode == 2 and "quantsafe.db" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -97,6 +97,15 @@ def test_same_size_weights_with_different_bytes_are_different_models(tmp_path: P
     assert resolve_model(str(a)).source_sha256 == resolve_model(str(_weights_dir(tmp_path / "copy", 1.0))).source_sha256
 
 
+@pytest.mark.usefixtures("private_cache")
+def test_a_new_chat_template_is_a_new_model(tmp_path: Path) -> None:
+    """Same weights, another chat template: every prompt the model sees changes, so must its identity."""
+    model = _weights_dir(tmp_path / "tune", 1.0)
+    before = resolve_model(str(model)).source_sha256
+    (model / "chat_template.jinja").write_text("{{ messages[0]['content'] }}", encoding="utf-8")
+    assert resolve_model(str(model)).source_sha256 != before
+
+
 def test_weight_hashes_are_cached_by_stat(tmp_path: Path, private_cache: Path, hash_calls: list[Path]) -> None:
     model = _weights_dir(tmp_path / "tune", 1.0)
     first = resolve_model(str(model)).source_sha256

@@ -15,10 +15,15 @@ def test_demo_study_parses() -> None:
 
 
 @pytest.mark.parametrize(("text", "needle"), [
-    ("name: x\nbenchmarks: []\njudges: []\nbogus: 1\n", "field 'bogus'"),
+    ("name: x\nbenchmarks: [{name: opensafetymini}]\njudges: [{kind: heuristic}]\nbogus: 1\n", "field 'bogus'"),
+    ("name: x\nbenchmarks: []\njudges: [{kind: heuristic}]\n", "field 'benchmarks': List should have at least 1"),
+    ("name: x\nbenchmarks: [{name: opensafetymini}]\njudges: []\n", "field 'judges'"),
+    ("name: x\nbenchmarks: [{name: opensafetymini}]\njudges: [{kind: heuristic}]\nvariants: []\n",
+     "field 'variants'"),
+    ("name: x\nbenchmarks: [{name: opensafetymini}]\njudges: [{kind: heuristic}]\ndtype: float8\n", "field 'dtype'"),
     ("name: x\nbenchmarks: [{name: opensafetymini}]\njudges: [{kind: llm}]\nvariants: [{method: rtn, bits: 9}]\n",
      "field 'variants.0.bits'"),
-    ("name: x\nbenchmarks: [{name: nope}]\njudges: []\n", "field 'benchmarks.0.name'"),
+    ("name: x\nbenchmarks: [{name: nope}]\njudges: [{kind: heuristic}]\n", "field 'benchmarks.0.name'"),
     ("name: [unclosed\n", "invalid YAML"),
     ("- just a list\n", "must be a YAML mapping"),
 ])

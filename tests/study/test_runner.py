@@ -1,5 +1,7 @@
 """The whole pipeline on a real small model: quantize, generate, judge, validate, report, resume."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,9 +40,12 @@ def test_report_and_store(study: tuple[StudyConfig, Path]) -> None:
         assert [v.method for v in variants] == ["none", "rtn"]
         assert variants[1].bits_per_weight is not None and 4.0 < variants[1].bits_per_weight < 5.0
         n_prompts = 8 + 14  # one per OpenSafetyMini scenario, one per XSafety scenario
+        study = store.study()
+        assert study.name == "tiny" and len(study.prompt_uids) == n_prompts
+        assert study.decoding["dtype"] in ("float32", "bfloat16")
         for v in variants:
-            gens = store.generations(v.variant_id, store.judged()[0]["decoding_id"])
-            assert len(gens) == n_prompts
+            gens = store.generations(v.variant_id, study.decoding_id)
+            assert len(gens) == n_prompts and all(g.decoding["dtype"] == study.decoding["dtype"] for g in gens)
         assert len(store.judged()) == 2 * 2 * n_prompts  # 2 variants × 2 judges
         assert {a["mapping"] for a in store.agreement()} == {"refusal", "safety"}
     scores = (out / "scores.csv").read_text().splitlines()
@@ -59,9 +64,38 @@ def test_rerun_skips_done_work_and_resumes_after_loss(study: tuple[StudyConfig, 
     with Store.open(out / "quantsafe.db") as store:
         after = store.conn.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
         dupes = store.conn.execute("SELECT COUNT(*) - COUNT(DISTINCT variant_id || prompt_uid || decoding_id || "
-                                   "judge_id) FROM judgments").fetchone()[0]
+                                   "judge_id || response_sha) FROM judgments").fetchone()[0]
         assert after == before and dupes == 0
         assert len(store.judged()) == 2 * 2 * 22
-        # re-report from the store alone
-        report = write_report(store, out / "again", "again")
-    assert report.read_text().startswith("# quantsafe report: again")
+        # re-report from the store alone: the same tables as the run wrote
+        report = write_report(store, out / "again", store.study())
+    assert _tables(report) == _tables(out / "report.md")
+    assert (out / "again" / "scores.csv").read_text() == (out / "scores.csv").read_text()
+
+
+def _tables(path: Path) -> list[str]:
+    """The report without its timestamp line."""
+    return [line for line in path.read_text().splitlines() if not line.startswith("Generated ")]
+
+
+def test_a_second_study_in_the_same_directory_never_mixes(study: tuple[StudyConfig, Path]) -> None:
+    """Shorter answers and fewer prompts in the same out dir: each report counts only its own cells, and
+    `quantsafe report DIR --study NAME` reproduces either."""
+    cfg, out = study
+    small = cfg.model_copy(update={
+        "name": "tiny-short", "decoding": cfg.decoding.model_copy(update={"max_new_tokens": 4}),
+        "variants": cfg.variants[:1], "judges": cfg.judges[:1],
+        "benchmarks": [cfg.benchmarks[0].model_copy(update={"limit": 3})]})
+    run_study(small, out, Console(quiet=True))
+    rows = (out / "scores.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    overall = [dict(zip(header, r.split(","), strict=True)) for r in rows[1:]]
+    assert {r["n"] for r in overall if r["scenario"] == "ALL"} == {"3"}
+    with Store.open(out / "quantsafe.db") as store:
+        assert store.study().name == "tiny-short"
+        first = write_report(store, out / "first", store.study("tiny"))
+    assert "(n=8)" in first.read_text() and "(n=14)" in first.read_text()
+    proc = subprocess.run([sys.executable, "-m", "quantsafe", "report", str(out), "--study", "tiny"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert _tables(out / "report.md") == _tables(first)

@@ -40,8 +40,9 @@ def stratified_sample(
 
     `limit_per_scenario` caps each (benchmark, lang, scenario) stratum; `limit` then caps the total,
     spread over strata in proportion to their size with at least one each while the budget allows.
-    Selection ranks prompts by a seeded hash of their uid, so a smaller sample is a subset of a larger one
-    with the same seed, and adding data elsewhere does not change a stratum's picks.
+    Selection ranks prompts by a seeded hash of their human id (not their text, so an edited prompt keeps its
+    place), so a smaller sample is a subset of a larger one with the same seed, and adding data elsewhere does not
+    change a stratum's picks.
     """
     for name, value in (("limit_per_scenario", limit_per_scenario), ("limit", limit)):
         if value is not None and value < 1:
@@ -49,7 +50,7 @@ def stratified_sample(
     groups: dict[Stratum, list[int]] = defaultdict(list)
     for index, prompt in enumerate(prompts):
         groups[(prompt.benchmark, prompt.lang, prompt.scenario)].append(index)
-    ranked = {s: sorted(indices, key=lambda i: (_rank(seed, prompts[i].uid), i))[:limit_per_scenario]
+    ranked = {s: sorted(indices, key=lambda i: (_rank(seed, prompts[i].human_id), i))[:limit_per_scenario]
               for s, indices in groups.items()}
     if limit is not None and limit < sum(len(indices) for indices in ranked.values()):
         shares = _allocate({s: len(indices) for s, indices in ranked.items()}, limit, seed)

@@ -22,16 +22,14 @@ err = Console(stderr=True)
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (default: $QUANTSAFE_DATA_DIR).")]
 
 
-def _fail(message: str) -> None:
-    err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
 @app.command()
 def run(
     study: Annotated[Path, typer.Argument(help="Study YAML (models × variants × benchmarks × judges).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory: report.md, scores.csv, quantsafe.db.")],
     data_dir: DataDir = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="Compute dtype: auto (bf16 only where the machine has native bf16), bfloat16, float32, float16; "
+        "overrides the study's.")] = None,
 ) -> None:
     """Quantize, generate, judge and report a study; re-running resumes where it stopped."""
     from quantsafe.study import load_study
@@ -40,6 +38,11 @@ def run(
     cfg = load_study(study)
     if data_dir is not None:
         cfg = cfg.model_copy(update={"data_dir": data_dir})
+    if dtype is not None:
+        from quantsafe.models.dtype import resolve_dtype
+
+        resolve_dtype(dtype)  # an unknown name is one line, before anything runs
+        cfg = cfg.model_copy(update={"dtype": dtype})
     report = run_study(cfg, out, err)
     err.print(f"[green]report:[/] {report}")
 
@@ -47,18 +50,17 @@ def run(
 @app.command()
 def report(
     out: Annotated[Path, typer.Argument(help="A study output directory holding quantsafe.db.")],
-    name: Annotated[str, typer.Option(help="Title of the report.")] = "study",
+    study: Annotated[str | None, typer.Option(
+        help="Which recorded study to report (default: the one run last in this directory).")] = None,
     paper_results: Annotated[Path | None, typer.Option(help="The paper's results CSV, shown side by side.")] = None,
 ) -> None:
-    """Re-write report.md and scores.csv from the store, without running any model."""
+    """Re-write report.md and scores.csv of a recorded study from the store, without running any model."""
     from quantsafe.store import Store
     from quantsafe.study.runner import write_report
 
-    db = out / "quantsafe.db"
-    if not db.is_file():
-        _fail(f"{db}: no results database here")
-    with Store.open(db) as store:
-        err.print(f"[green]report:[/] {write_report(store, out, name, paper_results=paper_results)}")
+    with Store.open(out / "quantsafe.db", create=False) as store:
+        record = store.study(study)
+        err.print(f"[green]report[/] of study '{record.name}': {write_report(store, out, record, paper_results)}")
 
 
 @app.command("export")
@@ -69,10 +71,7 @@ def export_cmd(
     """Export every table of the store to CSV."""
     from quantsafe.store import Store, export_csv
 
-    db = out / "quantsafe.db"
-    if not db.is_file():
-        _fail(f"{db}: no results database here")
-    with Store.open(db) as store:
+    with Store.open(out / "quantsafe.db", create=False) as store:
         for path in export_csv(store, to or out / "csv"):
             err.print(str(path))
 

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from quantsafe.backends.base import Backend, DecodingConfig
 from quantsafe.errors import QuantsafeError
 from quantsafe.judges.base import Judge
@@ -13,16 +15,18 @@ from quantsafe.judges.fake import FakeJudge
 from quantsafe.judges.heuristic import RefusalHeuristicJudge
 from quantsafe.judges.llm import DEFAULT_FEW_SHOT, DEFAULT_REFUSAL_FEW_SHOT, FewShotExample, LLMJudge
 from quantsafe.judges.template import load_template
+from quantsafe.models.dtype import dtype_name
 
 
-def load_judge_backend(model: str) -> Backend:
-    """Resolve and load a judge model; its name carries the weights' hash so the judge id tracks them."""
+def load_judge_backend(model: str, dtype: torch.dtype = torch.bfloat16) -> Backend:
+    """Resolve and load a judge model; its name carries the weights' hash and the compute dtype, so the judge
+    id tracks both (verdict log-probs differ between bf16 and fp32)."""
     from quantsafe.backends.hf import HFBackend
     from quantsafe.models import load_model, resolve_model
 
     resolved = resolve_model(model)
-    hf_model, tokenizer = load_model(resolved)
-    return HFBackend(hf_model, tokenizer, f"{resolved.name}@{resolved.source_sha256[:16]}")
+    hf_model, tokenizer = load_model(resolved, dtype)
+    return HFBackend(hf_model, tokenizer, f"{resolved.name}@{resolved.source_sha256[:16]}/{dtype_name(dtype)}")
 
 
 def build_judge(
@@ -37,6 +41,7 @@ def build_judge(
     data_dir: Path | str | None = None,
     criteria: Mapping[str, str] | None = None,
     backend: Backend | None = None,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> Judge:
     """kind "llm": LLMJudge on `backend` (or the loaded `model`), with the official template when `data_dir`
     has it; `few_shot=True` means DEFAULT_FEW_SHOT (and DEFAULT_REFUSAL_FEW_SHOT for refusal calls).
@@ -52,7 +57,7 @@ def build_judge(
             from quantsafe.models import DEFAULT_MODEL
 
             model = DEFAULT_MODEL
-        backend = load_judge_backend(model)
+        backend = load_judge_backend(model, dtype)
     examples: Sequence[FewShotExample] = (
         DEFAULT_FEW_SHOT if few_shot is True else () if few_shot is False else tuple(few_shot)
     )

@@ -54,6 +54,11 @@ def bf16_native(device: torch.device | str | None = None) -> bool:
     return bool(_cpu_flags(_cpuinfo()) & BF16_FLAGS)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16", "float32", ...: the name recorded in rows and ids."""
+    return str(dtype).removeprefix("torch.")
+
+
 def resolve_dtype(requested: str, device: torch.device | str | None = None) -> torch.dtype:
     """The named dtype; "auto" is bf16 where `device` computes it natively (see bf16_native), else fp32."""
     if requested == "auto":

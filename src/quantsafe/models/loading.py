@@ -22,6 +22,8 @@ from quantsafe.hashing import cached_file_sha256, file_sha256, stable_hash
 from quantsafe.models.registry import KNOWN_MODELS, ModelSpec
 
 SOURCE_FILE = "quantsafe_source.json"
+TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                             "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt"})
 WEIGHT_HASH_CACHE = "weight_sha256.json"  # under cache_dir(); see cached_file_sha256
 
 
@@ -104,7 +106,10 @@ def _dir_fingerprint(path: Path) -> str:
     cfg = (path / "config.json").read_text(encoding="utf-8")
     weights = sorted([*path.glob("*.safetensors"), *path.glob("*.bin")])
     hashes = cached_file_sha256(weights, cache_dir() / WEIGHT_HASH_CACHE)
-    return stable_hash({"config": cfg, "weights": [(p.name, hashes[p]) for p in weights]}, length=64)
+    # the chat template and tokenizer change every prompt the model sees, so they are part of its identity
+    tokenizer = {p.name: file_sha256(p) for p in sorted(path.iterdir()) if p.name in TOKENIZER_FILES}
+    return stable_hash({"config": cfg, "weights": [(p.name, hashes[p]) for p in weights], "tokenizer": tokenizer},
+                       length=64)
 
 
 def resolve_model(ref: str) -> ResolvedModel:
@@ -152,7 +157,8 @@ def check_model(resolved: ResolvedModel) -> None:
 
 
 def load_model(resolved: ResolvedModel, dtype: torch.dtype = torch.bfloat16) -> tuple[Any, Any]:
-    """Load model (eval mode) and tokenizer; bf16 is about twice as fast as fp32 on this class of CPU."""
+    """Load model (eval mode) and tokenizer in `dtype`; callers choose it per machine (models.dtype.resolve_dtype):
+    bf16 is fast only where the hardware has it."""
     from transformers import AutoModelForCausalLM
 
     tok = _load_tokenizer(resolved.path)  # first: it is cheap and the more likely to be missing

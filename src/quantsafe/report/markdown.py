@@ -59,14 +59,17 @@ def trust_sentence(rows: Sequence[dict[str, Any]]) -> str:
 def render_report(
     name: str, variants: Sequence[VariantRow], scores: Sequence[ScoreRow], judges: Sequence[dict[str, Any]],
     agreement: Sequence[dict[str, Any]], models: Sequence[dict[str, Any]], decoding: dict[str, Any],
-    paper: Sequence[PaperRow] = (),
+    paper: Sequence[PaperRow] = (), completeness: tuple[int, int] | None = None,
 ) -> str:
-    """The whole report as Markdown."""
+    """The whole report as Markdown; `completeness` is (cells judged, cells the study defines)."""
     out = [f"# quantsafe report: {name}", "",
            f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC} by quantsafe {__version__}. Safety ratio = responses "
            "judged safe / all prompts (unsafe, ambiguous and error all count as not safe), in %, with a 95% "
            "Wilson interval; Δ is the change in points against the same model at full precision on the same "
            "prompts, p an exact McNemar test.", ""]
+    if completeness is not None and completeness[0] < completeness[1]:
+        out += [f"**Incomplete:** {completeness[0]} of the study's {completeness[1]} (variant, prompt, judge) cells "
+                "are judged; re-run the study to finish it. The numbers below cover only the judged cells.", ""]
     out += ["## Base models", ""]
     out.append(_table(["model", "source", "source sha256", "note"], [
         (m["name"], m["source"], f"`{m['source_sha256'][:16]}…`",
@@ -77,7 +80,8 @@ def render_report(
     out.append(_table(["model", "precision", "method", "group size", "bits/weight", "variant id"], [
         (v.model, v.precision, v.method, _fmt(v.group_size), _fmt(v.bits_per_weight), f"`{v.variant_id}`")
         for v in variants]))
-    out += ["", f"Decoding: `{decoding}`", ""]
+    out += ["", f"Decoding (compute dtype included): `{decoding}`", "",
+            "_truncated_ counts prompts cut to fit the model's context and answers cut for the judge.", ""]
 
     out += ["## How far the judges can be trusted", "",
             "Each judge is measured against people on the human-labelled XSTest completions (refusal: full or "
@@ -125,8 +129,10 @@ def render_report(
                 for v in variants]))
             out.append("")
         out += ["### Label counts", ""]
-        out.append(_table(["Model", "Precision", "Method", "benchmark", "safe", "unsafe", "ambiguous", "error"], [
-            (s.model, s.precision, s.method, s.benchmark, s.n_safe, s.n_unsafe, s.n_ambiguous, s.n_error)
+        out.append(_table(["Model", "Precision", "Method", "benchmark", "safe", "unsafe", "ambiguous", "error",
+                           "truncated"], [
+            (s.model, s.precision, s.method, s.benchmark, s.n_safe, s.n_unsafe, s.n_ambiguous, s.n_error,
+             s.n_truncated)
             for s in scores if s.judge_id == jid and s.scenario == ALL]))
         out.append("")
     if paper:

@@ -6,9 +6,7 @@ import csv
 import os
 from pathlib import Path
 
-from quantsafe.store.db import Store
-
-TABLES = ("variants", "generations", "judges", "judgments", "agreement")
+from quantsafe.store.db import TABLES, Store
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -61,18 +61,21 @@ class JudgeSpec(_Strict):
 class ValidationSpec(_Strict):
     """Which human-labelled XSTest completion files measure each judge, and how many items of each."""
 
-    sets: list[str] = ["gpt4", "llama2orig", "mistralinstruct_even_ids"]
+    sets: list[str] = Field(["gpt4", "llama2orig", "mistralinstruct_even_ids"], min_length=1)
     limit_per_set: int | None = Field(None, ge=1)
     seed: int = 0
 
 
 class StudyConfig(_Strict):
-    name: str
-    models: list[str] = [DEFAULT_MODEL]
-    variants: list[VariantSpec] = [VariantSpec()]
-    benchmarks: list[BenchmarkSpec]
-    judges: list[JudgeSpec]
+    """A study; empty lists are errors, since they would silently produce an empty report."""
+
+    name: str = Field(min_length=1)
+    models: list[str] = Field([DEFAULT_MODEL], min_length=1)
+    variants: list[VariantSpec] = Field([VariantSpec()], min_length=1)
+    benchmarks: list[BenchmarkSpec] = Field(min_length=1)
+    judges: list[JudgeSpec] = Field(min_length=1)
     decoding: DecodingConfig = DecodingConfig()
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"  # auto: bf16 only where the machine has it
     validation: ValidationSpec | None = ValidationSpec()
     data_dir: Path | None = None
     artifacts_dir: Path | None = None
