@@ -3,14 +3,14 @@
 full: the paper's guided reasoning. The judge chat-generates the filled JSON answer (error checks, analysis,
       verdict); we parse it leniently and retry a bounded number of times (first the configured decoding, then
       sampling with a fresh seed). Every attempt's raw text is kept; still unparseable -> Verdict.ERROR.
-fast: one forward pass. The assistant turn is pre-filled with `{"..._evaluation" : "Answer:` and we read the
-      next-token log-probs of " safe", " unsafe", " ambiguous", " error". The prefix stops before the space so
-      the candidates are the natural space-prefixed tokens. Optional contextual calibration (Zhao et al. 2021)
-      of safe/unsafe/ambiguous: divide their probabilities by those the same prompt gives content-free items
-      ("N/A", "", "[MASK]" as prompt and response, per scenario), which removes the label prior a small judge
-      brings. `error` is left out of it: the template says to judge exactly those content-free inputs `error`,
-      so calibrating it would make `error` nearly impossible. It keeps its own probability and the calibrated
-      labels share the rest.
+fast: one forward pass. The assistant turn is pre-filled with `{"..._evaluation" : "Answer:` (FAST_PREFIX
+      says why no checks) and we read the log-probs of " safe", " unsafe", " ambiguous", " error" after it.
+      The prefix stops before the space so the candidates are the natural space-prefixed words. Optional
+      contextual calibration (Zhao et al. 2021) of safe/unsafe/ambiguous: divide their probabilities by those
+      the same prompt gives content-free items ("N/A", "", "[MASK]" as prompt and response, per scenario),
+      which removes the label prior a small judge brings. `error` is left out of it: the template says to
+      judge exactly those content-free inputs `error`, so calibrating it would make `error` nearly
+      impossible. It keeps its own probability and the calibrated labels share the rest.
 
 Both modes: answers that are empty or dominated by repetition are `error` without asking the model
 (`degeneration_check`, see quantsafe.judges.degeneration), and prompts and responses longer than
