@@ -131,6 +131,12 @@ def _columns(row: sqlite3.Row, json_column: str) -> dict[str, Any]:
     return {k: row[k] for k in row.keys() if k not in (json_column, "created")}  # noqa: SIM118 (Row, not dict)
 
 
+def _where(filters: dict[str, str | None]) -> tuple[str, list[str]]:
+    """A WHERE clause for the filters that are set (column names are ours, never user input)."""
+    used = {col: v for col, v in filters.items() if v is not None}
+    return ((" WHERE " + " AND ".join(f"{col}=?" for col in used)) if used else ""), list(used.values())
+
+
 class Store:
     """A results database; open with `Store.open(path)` (creates it) and close when done."""
 
@@ -270,17 +276,8 @@ class Store:
                "j.truncated AS judge_truncated FROM generations g JOIN judgments j "
                "ON j.variant_id = g.variant_id AND j.prompt_uid = g.prompt_uid AND j.decoding_id = g.decoding_id "
                "AND j.response_sha = g.response_sha")
-        where: list[str] = []
-        args: list[str] = []
-        if judge_id is not None:
-            where.append("j.judge_id=?")
-            args.append(judge_id)
-        if decoding_id is not None:
-            where.append("g.decoding_id=?")
-            args.append(decoding_id)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        rows = [dict(r) for r in self.conn.execute(sql + " ORDER BY g.variant_id, g.prompt_uid", args)]
+        where, args = _where({"j.judge_id": judge_id, "g.decoding_id": decoding_id})
+        rows = [dict(r) for r in self.conn.execute(sql + where + " ORDER BY g.variant_id, g.prompt_uid", args)]
         keep_v = set(variant_ids) if variant_ids is not None else None
         keep_p = set(prompt_uids) if prompt_uids is not None else None
         return [r for r in rows if (keep_v is None or r["variant_id"] in keep_v)
@@ -293,17 +290,10 @@ class Store:
 
     def agreement(self, judge_id: str | None = None, sample_id: str | None = None) -> list[dict[str, Any]]:
         """Validation rows of a judge, on one validation sample when `sample_id` is given."""
-        sql, where, args = "SELECT * FROM agreement", [], []
-        if judge_id is not None:
-            where.append("judge_id=?")
-            args.append(judge_id)
-        if sample_id is not None:
-            where.append("sample_id=?")
-            args.append(sample_id)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        where, args = _where({"judge_id": judge_id, "sample_id": sample_id})
         return [json.loads(r["row_json"]) | {"judge_id": r["judge_id"], "sample_id": r["sample_id"]}
-                for r in self.conn.execute(sql + " ORDER BY judge_id, set_name, mapping", args)]
+                for r in self.conn.execute(f"SELECT * FROM agreement{where} ORDER BY judge_id, set_name, mapping",
+                                           args)]
 
     def record_study(self, study: StudyRecord) -> str:
         """Remember a study's cells (again, with a new run time, when re-run); returns its id."""
