@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import platform
 from typing import Any
 
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from quantsafe.models.dtype import machine_info as compute_info
 
 
 def _ram_gb() -> float | None:
@@ -37,14 +27,11 @@ def _version(module: str) -> str | None:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, RAM, library versions and the UTC date; no hostname or user names."""
-    return {
-        "cpu_model": _cpu_model(),
-        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    """CPU model, cores, ISA (bf16 native or not), RAM, library versions and the UTC date; no host or user names."""
+    return compute_info() | {
         "ram_gb": _ram_gb(),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
-        "torch": _version("torch"),
         "transformers": _version("transformers"),
         "date_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

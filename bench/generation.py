@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info as host_info
+from _machine import machine_info
 from quantsafe.backends import DecodingConfig
 from quantsafe.backends.hf import HFBackend
 from quantsafe.benchmarks import load_benchmark
 from quantsafe.models import DEFAULT_MODEL, load_model, resolve_model
-from quantsafe.models.dtype import DTYPES, machine_info, resolve_dtype
+from quantsafe.models.dtype import DTYPES, dtype_name, resolve_dtype
 
 OUT = Path(__file__).resolve().parent / "results" / "generation.json"
 
@@ -62,8 +62,8 @@ def main() -> None:
                       "outputs_matching": sum(a == b for a, b in zip(texts, bs1_text, strict=True))}
     best = max(trials, key=lambda b: trials[b]["tokens_per_s"])
     result = {
-        "machine": host_info() | machine_info(), "model": resolved.name,
-        "model_source_sha256": resolved.source_sha256, "dtype": str(dtype).removeprefix("torch."),
+        "machine": machine_info(), "model": resolved.name,
+        "model_source_sha256": resolved.source_sha256, "dtype": dtype_name(dtype),
         "dtype_requested": args.dtype, "decoding": "greedy", "max_new_tokens": args.max_new_tokens,
         "n_prompts": len(convs), "batch_size": best,
         "batched_tokens_per_s": trials[best]["tokens_per_s"], "bs1_tokens_per_s": bs1_tokens / bs1_s,

@@ -24,6 +24,7 @@ from quantsafe.datadir import resolve_data_dir
 from quantsafe.judges import Judge, validate_judge
 from quantsafe.judges.factory import build_judge, load_judge_backend
 from quantsafe.models import DEFAULT_MODEL
+from quantsafe.models.dtype import DTYPES, dtype_name, resolve_dtype
 
 OUT = Path(__file__).resolve().parent / "results" / "judges.json"
 ALL_SETS = ["gpt4", "llama2orig", "mistralinstruct_even_ids"]
@@ -50,11 +51,14 @@ def main() -> None:
     ap.add_argument("--full-max-new-tokens", type=int, default=320)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--note", default="", help="recorded in the JSON, e.g. other load on the machine")
+    ap.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                    help="judge compute dtype; auto: bf16 where the machine computes it natively, else fp32")
     args = ap.parse_args()
+    dtype = resolve_dtype(args.dtype)
     torch.set_num_threads(os.cpu_count() or 1)
     data_dir = resolve_data_dir(os.environ.get("QUANTSAFE_DATA_DIR"))
     rows = _rows(build_judge("heuristic"), "heuristic", data_dir, ALL_SETS, None, ("refusal", "safety"))
-    backend = load_judge_backend(args.model)  # one model, several judge configurations
+    backend = load_judge_backend(args.model, dtype)  # one model, several judge configurations
     for calibrate, few_shot in ((True, True), (False, True), (True, False)):
         fast = build_judge("llm", mode="fast", calibrate=calibrate, few_shot=few_shot, data_dir=data_dir,
                            backend=backend)
@@ -65,7 +69,7 @@ def main() -> None:
     rows += _rows(full, "llm", data_dir, ["mistralinstruct_even_ids"], args.full_limit, ("safety",))
 
     result = {
-        "machine": machine_info(), "note": args.note, "judge_model": args.model,
+        "machine": machine_info(), "note": args.note, "judge_model": args.model, "dtype": dtype_name(dtype),
         "settings": {"fast_limit_per_set": args.fast_limit, "full_limit_mistral": args.full_limit,
                      "full_max_new_tokens": args.full_max_new_tokens,
                      "sampling": "seeded plain random subsample per set (human label mix as it is), seed 0"},
