@@ -44,7 +44,13 @@ def rtn4(tiny: ResolvedModel, tmp_path_factory: pytest.TempPathFactory) -> Quant
 def test_artifact_id_is_pinned() -> None:
     """Any change to what the id covers must be deliberate: it orphans every artifact already on disk."""
     assert compute_artifact_id(BASE, QuantConfig(method="rtn", bits=4, group_size=64), None) == "1e42f51df372eef9"
-    assert compute_artifact_id(BASE, GPTQ4, "c" * 64) == "6058b4708a93bfdb"
+    assert compute_artifact_id(BASE, GPTQ4, "c" * 64) == "9507741edffea02b"
+
+
+def test_calibration_dtype_changes_calibrated_artifacts_only() -> None:
+    """Calibration activations differ between bf16 and fp32 forward passes; RTN never runs one."""
+    assert compute_artifact_id(BASE, GPTQ4, "c" * 64, torch.float32) != compute_artifact_id(BASE, GPTQ4, "c" * 64)
+    assert compute_artifact_id(BASE, RTN4, None, torch.float32) == compute_artifact_id(BASE, RTN4, None)
 
 
 @pytest.mark.parametrize(("cls", "config", "calibration"), [(RTNQuantizer, RTN4, None),

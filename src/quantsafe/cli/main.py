@@ -86,6 +86,8 @@ def quantize(
     calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
     out: Annotated[Path | None, typer.Option(help="Artifacts root (default: the cache).")] = None,
     data_dir: DataDir = None,
+    dtype: Annotated[str, typer.Option(
+        help="Dtype of the calibration forward passes: auto (bf16 only where native), bfloat16, float32.")] = "auto",
 ) -> None:
     """Quantize one model and save the artifact (codes packed, scales, zeros, JSON config)."""
     from quantsafe.datadir import cache_dir, resolve_data_dir
@@ -95,7 +97,11 @@ def quantize(
     cfg = QuantConfig.from_dict({
         "method": method, "bits": bits, "group_size": group_size or None,
         "calibration": {"source": "wikitext2", "n_samples": calib_samples, "seq_len": calib_seq_len}})
-    art = quantize_variant(resolve_model(model), cfg, resolve_data_dir(data_dir), out or cache_dir() / "artifacts")
+    from quantsafe.models.dtype import resolve_dtype
+
+    compute = resolve_dtype(dtype)
+    art = quantize_variant(resolve_model(model), cfg, resolve_data_dir(data_dir), out or cache_dir() / "artifacts",
+                           dtype=compute)
     err.print(f"[green]{art.artifact_id}[/] {art.path} ({art.bits_per_weight:.3f} bits/weight)")
 
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 from quantsafe.errors import QuantsafeError
 from quantsafe.hashing import stable_hash
 from quantsafe.models import ResolvedModel, load_model
+from quantsafe.models.dtype import dtype_name
 from quantsafe.quantization.base import QuantResult, get_quantizer_class, make_quantizer
 from quantsafe.quantization.calibration import build_calibration
 from quantsafe.quantization.config import QuantConfig
@@ -60,6 +61,7 @@ class QuantizedArtifact(BaseModel):
     artifact_id: str
     config: QuantConfig
     method_version: int | None = None  # the quantizer's `version`; None in manifests written before it existed
+    compute_dtype: str | None = None  # dtype of the calibration forward passes; None in older manifests
     base_model: str
     base_source_sha256: str
     calibration: dict[str, Any] | None
@@ -81,11 +83,16 @@ def effective_bits_per_weight(results: dict[str, QuantResult]) -> float:
     return sum(r.storage_bits() for r in results.values()) / weights if weights else 0.0
 
 
-def compute_artifact_id(base_sha256: str, config: QuantConfig, calibration_key: str | None) -> str:
-    """Content address of an artifact: base weights, full config, the calibration tokens' sha256 and the
-    method's version, so an artifact made before a fix to the method is not reused after it."""
-    return stable_hash({"base": base_sha256, "config": config, "calibration": calibration_key,
-                        "method_version": get_quantizer_class(config.method).version})
+def compute_artifact_id(base_sha256: str, config: QuantConfig, calibration_key: str | None,
+                        compute_dtype: torch.dtype = torch.bfloat16) -> str:
+    """Content address of an artifact: base weights, full config, the calibration tokens' sha256, the method's
+    version (an artifact made before a fix to the method is not reused after it) and, for calibrated methods,
+    the dtype the calibration forward passes ran in (their activations, hence the result, depend on it)."""
+    key: dict[str, object] = {"base": base_sha256, "config": config, "calibration": calibration_key,
+                              "method_version": get_quantizer_class(config.method).version}
+    if calibration_key is not None:
+        key["compute_dtype"] = dtype_name(compute_dtype)
+    return stable_hash(key)
 
 
 def _dir_name(model: str, config: QuantConfig, artifact_id: str) -> str:
@@ -128,10 +135,14 @@ def quantize_variant(
     *,
     batch_size: int = 8,
     progress: Progress | None = None,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> QuantizedArtifact:
-    """Quantize `resolved` as `config` says and save it under `out_root`, or reuse the one found there."""
+    """Quantize `resolved` as `config` says and save it under `out_root`, or reuse the one found there.
+
+    `dtype` is what the calibration forward passes compute in: fp32 where the CPU has no native bf16 (bf16 is
+    emulated there and ~5x slower). Stored tensors are the same width either way (bf16 base, fp16 scales)."""
     start = time.perf_counter()
-    model, tokenizer = load_model(resolved)
+    model, tokenizer = load_model(resolved, dtype)
     calibration = None
     calibration_key = None
     if config.calibration is not None:
@@ -142,7 +153,7 @@ def quantize_variant(
         else:
             calibration = build_calibration(config.calibration, tokenizer, data_dir, model)
             calibration_key = calibration.token_sha256
-    artifact_id = compute_artifact_id(resolved.source_sha256, config, calibration_key)
+    artifact_id = compute_artifact_id(resolved.source_sha256, config, calibration_key, dtype)
     final = Path(out_root) / _dir_name(resolved.name, config, artifact_id)
     if (final / MANIFEST_FILE).is_file():
         artifact = read_manifest(final)
@@ -160,6 +171,7 @@ def quantize_variant(
         artifact_id=artifact_id,
         config=config,
         method_version=type(quantizer).version,
+        compute_dtype=dtype_name(dtype),
         base_model=resolved.name,
         base_source_sha256=resolved.source_sha256,
         calibration=calibration.record() if calibration else None,

@@ -99,6 +99,7 @@ def render_report(
     out.append("")
 
     overall = {(s.variant_id, s.benchmark, s.judge_id): s for s in scores if s.scenario == ALL}
+    order = {v.variant_id: i for i, v in enumerate(variants)}  # every table lists variants in the study's order
     present = [(b, label) for b, label in BENCH_COLUMNS if any(s.benchmark == b for s in scores)]
     for judge in judges:
         jid = judge["judge_id"]
@@ -133,7 +134,8 @@ def render_report(
                            "truncated"], [
             (s.model, s.precision, s.method, s.benchmark, s.n_safe, s.n_unsafe, s.n_ambiguous, s.n_error,
              s.n_truncated)
-            for s in scores if s.judge_id == jid and s.scenario == ALL]))
+            for s in sorted((s for s in scores if s.judge_id == jid and s.scenario == ALL),
+                            key=lambda s: (order[s.variant_id], s.benchmark))]))
         out.append("")
     if paper:
         out += ["## The paper's numbers, for comparison", "",

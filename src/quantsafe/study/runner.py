@@ -69,7 +69,7 @@ def _variant(resolved: ResolvedModel, spec: VariantSpec, data_dir: Path, artifac
                          dequantized_gguf=resolved.dequantized_gguf, config={"method": "none"})
         return row, lambda: load_model(resolved, dtype)
     qcfg = _quant_config(spec)
-    art = quantize_variant(resolved, qcfg, data_dir, artifacts)
+    art = quantize_variant(resolved, qcfg, data_dir, artifacts, dtype=dtype)
     row = VariantRow(variant_id=art.artifact_id, model=resolved.name, precision=f"int{qcfg.bits}",
                      method=qcfg.method, bits=qcfg.bits, group_size=qcfg.group_size,
                      bits_per_weight=art.bits_per_weight, source_sha256=resolved.source_sha256,
