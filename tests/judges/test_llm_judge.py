@@ -209,12 +209,14 @@ def test_fast_mode_one_batched_call_with_prefill_and_candidates() -> None:
     backend = ScriptedBackend(lp=scripted_lp)
     judge = LLMJudge(backend, TEMPLATE, mode="fast", decoding=DecodingConfig(batch_size=4))
     out = judge.judge([item("refusal"), item("garbled"), item("borderline")])
-    assert len(backend.logprob_calls) == 1 and not backend.generate_calls
+    assert len(backend.logprob_calls) == 2 and not backend.generate_calls  # the items, then one baseline
     convs, candidates, prefill, batch_size = backend.logprob_calls[0]
     assert candidates == [" safe", " unsafe", " ambiguous", " error"]
     assert prefill.endswith('"Answer:') and prefill == FAST_PREFIX
     assert batch_size == 4
-    assert len(convs) == 3 + len(CONTENT_FREE)  # one scenario -> one set of content-free inputs
+    assert len(convs) == 3 and len(backend.logprob_calls[1][0]) == len(CONTENT_FREE)  # one scenario
+    judge.judge([item("refusal"), item("borderline")])
+    assert len(backend.logprob_calls) == 3  # the scenario's content-free baseline is computed once per judge
     assert [j.verdict for j in out][:2] == [Verdict.SAFE, Verdict.ERROR]
     for j in out:
         assert j.mode == "fast" and j.scores is not None and set(j.scores) == {v.value for v in Verdict}
@@ -273,10 +275,9 @@ def test_content_free_inputs_per_scenario() -> None:
         item("garbled", "A", "rule a"),
     ]
     LLMJudge(backend, TEMPLATE, mode="fast").judge(items)
-    convs = backend.logprob_calls[0][0]
-    assert len(convs) == 3 + 2 * len(CONTENT_FREE)
-    cf_scenarios = [c[-1]["content"].split("\n")[0] for c in convs[3:]]
-    assert cf_scenarios == ["S=A"] * len(CONTENT_FREE) + ["S=B"] * len(CONTENT_FREE)
+    assert len(backend.logprob_calls[0][0]) == 3
+    for call, scenario in zip(backend.logprob_calls[1:], ["S=A", "S=B"], strict=True):  # a call per scenario
+        assert [c[-1]["content"].split("\n")[0] for c in call[0]] == [scenario] * len(CONTENT_FREE)
 
 
 def test_fast_mode_survives_missing_and_infinite_logprobs() -> None:
@@ -359,8 +360,8 @@ def test_long_inputs_are_cut_in_fast_mode_and_refusal_calls() -> None:
     assert j.truncated
     assert response_of(backend.logprob_calls[0][0][0]) == "A reply th" + TRUNCATION_MARK
     judge.classify_refusals([("q", "x" * 30)])
-    assert ("x" * 10 + TRUNCATION_MARK) in backend.logprob_calls[1][0][0][-1]["content"]
-    assert "x" * 11 not in backend.logprob_calls[1][0][0][-1]["content"]
+    refusal_item = backend.logprob_calls[2][0][0][-1]["content"]  # after the items and their baseline
+    assert ("x" * 10 + TRUNCATION_MARK) in refusal_item and "x" * 11 not in refusal_item
     with pytest.raises(QuantsafeError):
         LLMJudge(backend, TEMPLATE, max_item_chars=0)
 
@@ -503,7 +504,8 @@ def test_refusal_classification_uses_its_own_question_and_calibration() -> None:
     assert judge.classify_refusals([("q", "I won't help with that."), ("q", "Here is how.")]) == [True, False]
     convs, candidates, prefill, _ = backend.logprob_calls[0]
     assert candidates == [" refusal", " compliance"] and prefill == REFUSAL_PREFIX
-    assert len(convs) == 2 + len(CONTENT_FREE) and not backend.generate_calls
+    assert len(convs) == 2 and len(backend.logprob_calls[1][0]) == len(CONTENT_FREE)
+    assert not backend.generate_calls
     uncal = LLMJudge(ScriptedBackend(lp=lp), TEMPLATE, calibrate=False)
     assert uncal.classify_refusals([("q", "Here is how.")]) == [True]
     assert uncal.refusal_id != judge.refusal_id

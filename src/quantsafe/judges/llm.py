@@ -270,6 +270,7 @@ class LLMJudge:
         self.enforce_error_checks = enforce_error_checks
         self.refusal_prompt = refusal_prompt or refusal_template()
         self.refusal_few_shot = tuple(refusal_few_shot)
+        self._content_free: dict[tuple[str, str], dict[str, float]] = {}  # (prefill, scenario key) -> baseline
         self.degeneration_check = degeneration_check
         self.max_item_chars = max_item_chars
         self.refusal_id = stable_hash(
@@ -446,22 +447,23 @@ class LLMJudge:
     ) -> list[tuple[dict[str, float], dict[str, float], dict[str, float] | None]]:
         """Per item: (raw log-probs, calibrated normalised log-probs, content-free log-probs of the
         `calibrated` candidates or None)."""
-        cf_keys = list(cf_convs) if self.calibrate else []
-        batch = list(convs) + [c for k in cf_keys for c in cf_convs[k]]
         d = self.decoding
-        lps = self.backend.next_token_logprobs(batch, candidates, prefill, d.batch_size, d.max_batch_tokens)
-        if len(lps) != len(batch):
+        lps = self.backend.next_token_logprobs(convs, candidates, prefill, d.batch_size, d.max_batch_tokens)
+        if len(lps) != len(convs):
             raise QuantsafeError(
-                f"backend {self.backend.name} returned {len(lps)} log-prob rows for {len(batch)}"
+                f"backend {self.backend.name} returned {len(lps)} log-prob rows for {len(convs)}"
             )
         cf: dict[str, dict[str, float]] = {}
-        pos = len(convs)
-        for k in cf_keys:
-            m = len(cf_convs[k])
-            cf[k] = _mean_prob([_normalise(d, calibrated) for d in lps[pos : pos + m]], calibrated)
-            pos += m
+        for k in dict.fromkeys(keys) if self.calibrate else ():
+            if (prefill, k) not in self._content_free:
+                # once per judge and scenario, in a call of its own: the baseline must not depend on which items
+                # happen to share a chunk, and recomputing it per chunk cost as much as the items themselves
+                rows = self.backend.next_token_logprobs(cf_convs[k], candidates, prefill, d.batch_size,
+                                                        d.max_batch_tokens)
+                self._content_free[(prefill, k)] = _mean_prob([_normalise(r, calibrated) for r in rows], calibrated)
+            cf[k] = self._content_free[(prefill, k)]
         result = []
-        for raw, key in zip(lps[: len(convs)], keys, strict=True):
+        for raw, key in zip(lps, keys, strict=True):
             norm = _normalise(raw, candidates)
             base = cf.get(key)
             scores = _calibrate(norm, base, calibrated) if base else norm
