@@ -177,3 +177,29 @@ def test_shared_prefix_is_encoded_once_without_changing_scores(fp32: HFBackend) 
     alone = [fp32.next_token_logprobs([c], labels, prefill="Answer:", batch_size=1)[0] for c in convs]
     for a, b in zip(together, alone, strict=True):
         assert all(abs(a[k] - b[k]) < 1e-3 for k in a)
+
+
+def test_earlier_turns_are_encoded_once_per_backend_and_scores_never_depend_on_company() -> None:
+    """bf16, batch size 1: a conversation scores bit-identically alone or beside others, cache cold or warm,
+    because the shared part always ends where the last message starts; the few-shot turns run once."""
+    model, tok = load_model(resolve_model("smollm2-135m"))
+    backend = HFBackend(model, tok, "smollm2-bf16")
+    shots = [{"role": "user", "content": "Is this an example? " * 12}, {"role": "assistant", "content": "Answer: yes"}]
+    convs = [[*shots, *c] for c in CONVS]
+    lengths: list[int] = []
+    forward = model.forward
+
+    def counting(*args: object, **kwargs: object) -> object:
+        lengths.append(int(kwargs["input_ids"].shape[1]))  # type: ignore[attr-defined]
+        return forward(*args, **kwargs)
+
+    model.forward = counting
+    try:
+        alone_cold = backend.next_token_logprobs(convs[:1], ["Yes", "No"], prefill="Answer:", batch_size=1)[0]
+        prefix_runs = sum(n > 40 for n in lengths)  # the shots are ~60 tokens, each item's own part far fewer
+        together = backend.next_token_logprobs(convs, ["Yes", "No"], prefill="Answer:", batch_size=1)
+        alone_warm = backend.next_token_logprobs(convs[:1], ["Yes", "No"], prefill="Answer:", batch_size=1)[0]
+    finally:
+        del model.forward
+    assert prefix_runs == 1 and sum(n > 40 for n in lengths) == 1  # encoded on the first call only
+    assert alone_cold == together[0] == alone_warm

@@ -13,6 +13,7 @@ from quantsafe.backends.base import DEFAULT_MAX_BATCH_TOKENS, DecodingConfig, Ge
 from quantsafe.errors import QuantsafeError
 
 MIN_SHARED_PREFIX = 32  # below this, re-encoding the prefix costs less than copying its KV cache
+PREFIX_CACHE_SIZE = 4  # earlier-turn prefixes kept between calls (a judge uses two: safety and refusal shots)
 
 log = logging.getLogger("quantsafe.backends")
 
@@ -38,6 +39,7 @@ class HFBackend:
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.eos_ids: list[int] = sorted({*ids, tokenizer.eos_token_id} - {None})
+        self._prefixes: dict[tuple[int, ...], Any] = {}  # see _prefix_cache
 
     def _render(self, conversation: list[Message], system_prompt: str | None = None, prefill: str = "") -> str:
         msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + conversation
@@ -146,13 +148,13 @@ class HFBackend:
             groups.setdefault(tuple(ids[:-1]), []).append(j)
         rows = [_Row(i, ids + list(head), members) for i, (ids, _) in enumerate(encoded)
                 for head, members in groups.items()]
-        shared = _common_prefix_len([r.ids for r in rows]) if len(rows) > 1 else 0
-        shared = min(shared, min(len(ids) for ids, _ in encoded) - 1)  # every position read stays a row's own
-        prefix_cache = None
-        if shared >= MIN_SHARED_PREFIX:
-            prefix_cache = self.model(input_ids=torch.tensor([rows[0].ids[:shared]]), use_cache=True,
-                                      logits_to_keep=1).cache
-        else:
+        shared = _common_prefix_len([r.ids for r in rows])
+        # the shared part stops where the last message starts: that split is the same in every call, so a row's
+        # scores never depend on which other rows share its call, and the earlier turns are encoded once
+        shared = min(shared, self._earlier_turns_len(conversations[0], rows[0].ids),
+                     min(len(ids) for ids, _ in encoded) - 1)  # every position read stays a row's own
+        prefix_cache = self._prefix_cache(rows[0].ids[:shared]) if shared >= MIN_SHARED_PREFIX else None
+        if prefix_cache is None:
             shared = 0
         pad = self.tokenizer.pad_token_id
         scores = [[0.0] * len(candidates) for _ in encoded]
@@ -181,6 +183,23 @@ class HFBackend:
                     toks = cand_ids[j]
                     scores[rows[r].item][j] = float(logp[row, torch.arange(len(toks)), torch.tensor(toks)].sum())
         return [dict(zip(candidates, s, strict=True)) for s in scores]
+
+
+    def _earlier_turns_len(self, conversation: list[Message], ids: list[int]) -> int:
+        """Tokens before the last message (few-shot turns, system prompt), or 0 if they are not a token prefix."""
+        if len(conversation) < 2:
+            return 0
+        head = self._tokens(self.tokenizer.apply_chat_template(conversation[:-1], tokenize=False))
+        return len(head) if ids[: len(head)] == head else 0
+
+    def _prefix_cache(self, prefix: list[int]) -> Any:
+        """The KV cache of a prefix, computed once and kept for later calls (few-shot turns of a judge)."""
+        key = tuple(prefix)
+        if key not in self._prefixes:
+            if len(self._prefixes) >= PREFIX_CACHE_SIZE:
+                del self._prefixes[next(iter(self._prefixes))]
+            self._prefixes[key] = self.model(input_ids=torch.tensor([prefix]), use_cache=True, logits_to_keep=1).cache
+        return self._prefixes[key]
 
 
 def _batches(lengths: Sequence[int], batch_size: int, max_tokens: int, reserve: int = 0) -> list[list[int]]:
