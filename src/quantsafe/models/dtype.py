@@ -14,7 +14,7 @@ from quantsafe.errors import QuantsafeError
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
-ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def _cpuinfo() -> str:
