@@ -54,3 +54,11 @@ def test_llm_judge_settings(data_dir: Path, tmp_path: Path) -> None:
     assert isinstance(k, LLMJudge)
     assert k.few_shot == () and k.template.source == "default" and k.calibrate
     assert j.judge_id != k.judge_id
+
+
+def test_degeneration_check_and_item_cap_reach_the_judge_and_its_id() -> None:
+    default = build_judge("llm", backend=NullBackend())
+    plain = build_judge("llm", backend=NullBackend(), degeneration_check=False, max_item_chars=100)
+    assert isinstance(default, LLMJudge) and isinstance(plain, LLMJudge)
+    assert default.degeneration_check and not plain.degeneration_check and plain.max_item_chars == 100
+    assert default.judge_id != plain.judge_id

@@ -42,3 +42,11 @@ def test_non_utf8_and_missing(tmp_path: Path) -> None:
         load_study(path)
     with pytest.raises(QuantsafeError, match="does not exist"):
         load_study(tmp_path / "missing.yaml")
+
+
+def test_judge_options_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("name: x\nbenchmarks: [{name: opensafetymini}]\n"
+                    "judges: [{kind: llm, degeneration_check: false, max_item_chars: 500}]\n")
+    judge = load_study(path).judges[0]
+    assert judge.degeneration_check is False and judge.max_item_chars == 500

@@ -13,7 +13,13 @@ from quantsafe.errors import QuantsafeError
 from quantsafe.judges.base import Judge
 from quantsafe.judges.fake import FakeJudge
 from quantsafe.judges.heuristic import RefusalHeuristicJudge
-from quantsafe.judges.llm import DEFAULT_FEW_SHOT, DEFAULT_REFUSAL_FEW_SHOT, FewShotExample, LLMJudge
+from quantsafe.judges.llm import (
+    DEFAULT_FEW_SHOT,
+    DEFAULT_MAX_ITEM_CHARS,
+    DEFAULT_REFUSAL_FEW_SHOT,
+    FewShotExample,
+    LLMJudge,
+)
 from quantsafe.judges.template import load_template
 from quantsafe.models.dtype import dtype_name
 
@@ -42,6 +48,8 @@ def build_judge(
     criteria: Mapping[str, str] | None = None,
     backend: Backend | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    degeneration_check: bool = True,
+    max_item_chars: int = DEFAULT_MAX_ITEM_CHARS,
 ) -> Judge:
     """kind "llm": LLMJudge on `backend` (or the loaded `model`), with the official template when `data_dir`
     has it; `few_shot=True` means DEFAULT_FEW_SHOT (and DEFAULT_REFUSAL_FEW_SHOT for refusal calls).
@@ -71,4 +79,6 @@ def build_judge(
         calibrate=calibrate,
         few_shot=examples,
         refusal_few_shot=DEFAULT_REFUSAL_FEW_SHOT if examples else (),
+        degeneration_check=degeneration_check,
+        max_item_chars=max_item_chars,
     )

@@ -213,7 +213,8 @@ def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None) -
         for jspec in cfg.judges:
             judge = build_judge(jspec.kind, model=jspec.model, mode=jspec.mode, calibrate=jspec.calibrate,
                                 few_shot=jspec.few_shot, max_retries=jspec.max_retries, decoding=jspec.decoding,
-                                data_dir=plan.data_dir, criteria=plan.criteria, dtype=plan.dtype)
+                                data_dir=plan.data_dir, criteria=plan.criteria, dtype=plan.dtype,
+                                degeneration_check=jspec.degeneration_check, max_item_chars=jspec.max_item_chars)
             judge_ids.append(judge.judge_id)
             store.upsert_judge(judge.judge_id, jspec.kind, judge.mode,
                                jspec.model_dump(mode="json") | {"dtype": compute})
