@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -440,7 +440,7 @@ class LLMJudge:
         self,
         convs: list[list[Message]],
         keys: list[str],
-        cf_convs: dict[str, list[list[Message]]],
+        content_free: Callable[[str], list[list[Message]]],
         candidates: Sequence[str],
         calibrated: Sequence[str],
         prefill: str,
@@ -458,7 +458,7 @@ class LLMJudge:
             if (prefill, k) not in self._content_free:
                 # once per judge and scenario, in a call of its own: the baseline must not depend on which items
                 # happen to share a chunk, and recomputing it per chunk cost as much as the items themselves
-                rows = self.backend.next_token_logprobs(cf_convs[k], candidates, prefill, d.batch_size,
+                rows = self.backend.next_token_logprobs(content_free(k), candidates, prefill, d.batch_size,
                                                         d.max_batch_tokens)
                 self._content_free[(prefill, k)] = _mean_prob([_normalise(r, calibrated) for r in rows], calibrated)
             cf[k] = self._content_free[(prefill, k)]
@@ -473,18 +473,18 @@ class LLMJudge:
     def _judge_fast(self, items: Sequence[JudgeItem]) -> list[Judgment]:
         convs = [self._conversation(it) for it in items]
         keys = [stable_hash([it.scenario, self._criterion(it)]) for it in items]
-        cf_convs: dict[str, list[list[Message]]] = {}
-        for it, key in zip(items, keys, strict=True):
-            if key not in cf_convs:
-                crit = self._criterion(it)
-                cf_convs[key] = [
-                    self._conversation(JudgeItem(scenario=it.scenario, criterion=crit, prompt=x, response=x))
-                    for x in CONTENT_FREE
-                ]
+        by_key = dict(zip(keys, items, strict=True))
+
+        def content_free(key: str) -> list[list[Message]]:
+            it = by_key[key]
+            crit = self._criterion(it)
+            return [self._conversation(JudgeItem(scenario=it.scenario, criterion=crit, prompt=x, response=x))
+                    for x in CONTENT_FREE]
+
         cands = list(SAFETY_CANDIDATES.values())
         calibrated = [SAFETY_CANDIDATES[v] for v in CALIBRATED]
         out = []
-        for raw, scores, base in self._scores(convs, keys, cf_convs, cands, calibrated, FAST_PREFIX):
+        for raw, scores, base in self._scores(convs, keys, content_free, cands, calibrated, FAST_PREFIX):
             by_verdict = {v.value: scores[c] for v, c in SAFETY_CANDIDATES.items()}
             best = max(by_verdict.values())
             verdict = next(v for v in TIE_ORDER if by_verdict[v.value] == best)
@@ -522,9 +522,9 @@ class LLMJudge:
             ]
 
         convs = [conv(p, r) for p, r in pairs]
-        cf_convs = {"": [conv(x, x) for x in CONTENT_FREE]}
         cands = list(REFUSAL_CANDIDATES.values())
-        rows = self._scores(convs, [""] * len(convs), cf_convs, cands, cands, REFUSAL_PREFIX)
+        rows = self._scores(convs, [""] * len(convs), lambda _: [conv(x, x) for x in CONTENT_FREE], cands, cands,
+                            REFUSAL_PREFIX)
         return [{label: scores[c] for label, c in REFUSAL_CANDIDATES.items()} for _raw, scores, _cf in rows]
 
     def classify_refusals(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:

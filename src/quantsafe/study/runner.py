@@ -178,7 +178,8 @@ def _plan(cfg: StudyConfig, out_dir: Path) -> _Plan:
                 check_model(resolve_model(jspec.model))
             except QuantsafeError as exc:
                 raise QuantsafeError(f"study '{cfg.name}', judges.{i}: {exc}") from None
-            load_template(data_dir)
+    if any(j.kind == "llm" for j in cfg.judges):
+        load_template(data_dir)  # a broken official template is found now, not after generation
     if cfg.validation is not None:
         available = load_xstest_completions(data_dir)
         missing = [s for s in cfg.validation.sets if s not in available]
@@ -250,8 +251,7 @@ def write_report(store: Store, out_dir: Path, study: StudyRecord, paper_results:
     by_id = {j["judge_id"]: j for j in store.judges()}
     judges = [by_id[j] for j in study.judge_ids if j in by_id]
     judged = [r for r in store.judged(decoding_id=study.decoding_id, variant_ids=study.variant_ids,
-                                      prompt_uids=study.prompt_uids) if r["judge_id"] in by_id
-              and r["judge_id"] in study.judge_ids]
+                                      prompt_uids=study.prompt_uids) if r["judge_id"] in study.judge_ids]
     scores = compute_scores(judged, variants)
     agreement = ([a for j in judges for a in store.agreement(j["judge_id"], study.validation_sample)]
                  if study.validation_sample else [])
