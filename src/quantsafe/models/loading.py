@@ -100,16 +100,15 @@ def _from_gguf(gguf: Path, name: str, sha: str, expected: str | None, original: 
 
 
 def _dir_fingerprint(path: Path) -> str:
-    """Identity of a local checkpoint: its config and its weights' bytes, since two fine-tunes of one
-    architecture differ only in the latter. Hashes are cached by file stat, so a resolve reads only new or
-    changed weight files."""
+    """Identity of a local checkpoint: its config, its weights' bytes (two fine-tunes of one architecture differ
+    only there) and its tokenizer and chat template (they change every prompt the model sees). Hashes are cached
+    by file stat, so a resolve reads only new or changed files."""
     cfg = (path / "config.json").read_text(encoding="utf-8")
     weights = sorted([*path.glob("*.safetensors"), *path.glob("*.bin")])
-    hashes = cached_file_sha256(weights, cache_dir() / WEIGHT_HASH_CACHE)
-    # the chat template and tokenizer change every prompt the model sees, so they are part of its identity
-    tokenizer = {p.name: file_sha256(p) for p in sorted(path.iterdir()) if p.name in TOKENIZER_FILES}
-    return stable_hash({"config": cfg, "weights": [(p.name, hashes[p]) for p in weights], "tokenizer": tokenizer},
-                       length=64)
+    tokenizer = sorted(p for p in path.iterdir() if p.name in TOKENIZER_FILES)
+    hashes = cached_file_sha256([*weights, *tokenizer], cache_dir() / WEIGHT_HASH_CACHE)
+    return stable_hash({"config": cfg, "weights": [(p.name, hashes[p]) for p in weights],
+                        "tokenizer": {p.name: hashes[p] for p in tokenizer}}, length=64)
 
 
 def resolve_model(ref: str) -> ResolvedModel:
