@@ -170,3 +170,49 @@ def test_subsample_is_order_free_and_seeded() -> None:
     assert {x.prompt for x in subsample(list(reversed(items)), 10, 0, "s")} == {x.prompt for x in a}
     assert subsample(items, 10, 1, "s") != a
     assert subsample(items, None, 0, "s") == items
+
+
+def test_rows_break_down_by_prompt_type_with_a_kappa_interval() -> None:
+    row = evaluate_refusal(RefusalHeuristicJudge(), ITEMS, "toy")
+    assert set(row.by_type) == {SAFE_T, UNSAFE_T}
+    assert row.by_type[SAFE_T].n == 2 and row.by_type[UNSAFE_T].n == 4
+    assert sum(t.n for t in row.by_type.values()) == row.n
+    assert row.kappa_ci is not None and row.kappa_ci[0] <= row.kappa <= row.kappa_ci[1]
+
+
+class _Trained(FakeJudge):
+    """A judge that claims to have learned from set "a"; its held-out twin answers differently."""
+
+    trained_on = frozenset({"a", "b"})
+
+    def held_out_for(self, set_name: str) -> FakeJudge:
+        assert set_name in self.trained_on
+        twin = FakeJudge(Verdict.UNSAFE)
+        twin.judge_id = f"held-out-{set_name}"
+        return twin
+
+
+def test_trained_judge_is_never_scored_on_its_training_set() -> None:
+    judge = _Trained(Verdict.SAFE)
+    rows = {r.set: r for r in validate_judge(judge, {"a": ITEMS, "c": ITEMS}, mappings=("safety",))}
+    assert rows["a"].held_out == "trained on b" and rows["a"].judge == "held-out-a"
+    assert rows["a"].judge_label_counts == {"unsafe": len(ITEMS)}  # the twin answered, not the judge
+    assert rows["c"].held_out is None and rows["c"].judge_label_counts == {"safe": len(ITEMS)}
+
+
+def test_users_own_csv_is_a_validation_set(tmp_path: Path, data_dir: Path) -> None:
+    from quantsafe.benchmarks.xstest import load_labelled_sets
+    from quantsafe.errors import DataError
+
+    own = tmp_path / "mine.csv"
+    with own.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "type", "prompt", "completion", "final_label"])
+        for i, it in enumerate(ITEMS):
+            w.writerow([i, it.type, it.prompt, it.completion, it.final_label])
+    sets = load_labelled_sets([str(own), "gpt4"], data_dir)
+    assert list(sets) == ["mine", "gpt4"] and len(sets["mine"]) == len(ITEMS)
+    with pytest.raises(DataError, match="unknown labelled set 'nope'"):
+        load_labelled_sets(["nope"], data_dir)
+    with pytest.raises(DataError, match=r"missing\.csv"):
+        load_labelled_sets([str(tmp_path / "missing.csv")], data_dir)

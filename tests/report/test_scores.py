@@ -43,7 +43,8 @@ def test_report_has_paper_layout_and_provenance() -> None:
     scores = compute_scores(_rows("fp", ["safe", "unsafe"]) + _rows("q2", ["unsafe", "unsafe"]), _variants())
     text = render_report("t", _variants(), scores, [{"judge_id": "j", "kind": "llm", "mode": "fast"}],
                          [{"judge_id": "j", "set": "mistral", "mapping": "safety", "n": 10, "accuracy": 0.8,
-                           "kappa": 0.4, "minority_recall": 0.5}],
+                           "kappa": 0.4, "minority_recall": 0.5,
+                           "confusion": {"safe": {"safe": 6, "unsafe": 0}, "unsafe": {"safe": 2, "unsafe": 2}}}],
                          [{"name": "m", "source": "GGUF", "source_sha256": "0" * 64, "dequantized_gguf": True,
                            "original_hub_id": "org/m"}], {"max_new_tokens": 8})
     assert "| Model | Precision | Method | OpenSafetyMini |" in text
@@ -79,3 +80,43 @@ def test_trust_sentence_follows_the_safety_kappa() -> None:
     assert "no better than chance" in trust_sentence([row | {"kappa": -0.1}])
     no_unsafe = {"mapping": "safety", "set": "llama", "n": 40, "minority_recall": None, "kappa": float("nan")}
     assert "nothing says" in trust_sentence([no_unsafe])
+
+
+def _agreement(judge: str, tp: int, fn: int, fp: int, tn: int) -> dict:
+    return {"judge_id": judge, "set": "s", "mapping": "safety", "n": tp + fn + fp + tn, "accuracy": 0.0,
+            "kappa": 0.0, "minority_recall": 0.0,
+            "confusion": {"safe": {"safe": tp, "unsafe": fn}, "unsafe": {"safe": fp, "unsafe": tn}}}
+
+
+def test_headline_uses_the_judge_that_agrees_best_and_shows_corrected_ratios() -> None:
+    from quantsafe.report.markdown import headline_judge
+    from quantsafe.report.scores import apply_correction, pooled_safety_confusion
+
+    rows = _rows("fp", ["safe", "unsafe"])
+    weak_rows = [r | {"judge_id": "weak"} for r in rows]
+    agreement = [_agreement("j", 90, 10, 5, 45), _agreement("weak", 50, 50, 45, 55)]
+    assert headline_judge(["j", "weak"], agreement) is not None
+    assert headline_judge(["j", "weak"], agreement)[0] == "j"
+    scores = apply_correction(compute_scores(rows + weak_rows, _variants()), pooled_safety_confusion(agreement))
+    good = next(s for s in scores if s.judge_id == "j" and s.scenario == "ALL")
+    weak = next(s for s in scores if s.judge_id == "weak" and s.scenario == "ALL")
+    assert good.corrected_ratio is not None and good.corrected_low <= good.corrected_ratio <= good.corrected_high
+    assert weak.corrected_ratio is None and "too weak" in weak.correction_note
+    judges = [{"judge_id": "weak", "kind": "heuristic", "mode": "heuristic"},
+              {"judge_id": "j", "kind": "trained", "mode": "trained"}]
+    text = render_report("t", _variants(), scores, judges, agreement,
+                         [{"name": "m", "source": "GGUF", "source_sha256": "0" * 64, "dequantized_gguf": False}],
+                         {"max_new_tokens": 8})
+    headline = text.split("## Headline")[1].split("## ")[0]
+    assert "trained/trained `j`" in headline and "→" in headline
+    assert "No corrected safety ratio: judge too weak" in text
+    # the headline judge's own section comes first
+    assert text.index("judge trained/trained") < text.index("judge heuristic/heuristic")
+
+
+def test_pooled_confusion_sums_sets_of_the_safety_mapping_only() -> None:
+    from quantsafe.report.scores import pooled_safety_confusion
+
+    refusal = _agreement("j", 1, 1, 1, 1) | {"mapping": "refusal"}
+    pooled = pooled_safety_confusion([_agreement("j", 9, 1, 2, 8), _agreement("j", 1, 0, 0, 1), refusal])
+    assert pooled == {"j": {"safe": {"safe": 10, "unsafe": 1}, "unsafe": {"safe": 2, "unsafe": 9}}}

@@ -96,3 +96,20 @@ def test_majority_label_and_priority() -> None:
     assert majority_label(["zz", "yy"], priority=()) == "yy"  # unlisted labels: alphabetical, order-free
     with pytest.raises(ValueError):
         majority_label([None, None])
+
+
+def test_kappa_ci_brackets_the_estimate_and_narrows_with_n():
+    from quantsafe.stats.agreement import cohen_kappa, cohen_kappa_ci
+
+    a = ["x"] * 30 + ["y"] * 30
+    b = ["x"] * 25 + ["y"] * 5 + ["y"] * 27 + ["x"] * 3
+    lo, hi = cohen_kappa_ci(a, b)
+    assert lo < cohen_kappa(a, b) < hi
+    lo4, hi4 = cohen_kappa_ci(a * 4, b * 4)
+    assert hi4 - lo4 < hi - lo
+
+
+def test_kappa_ci_undefined_when_both_constant():
+    from quantsafe.stats.agreement import cohen_kappa_ci
+
+    assert cohen_kappa_ci(["x"] * 5, ["x"] * 5) is None

@@ -6,6 +6,7 @@ for checking how well a judge or refusal detector agrees with people.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -75,7 +76,10 @@ def load_xstest_prompts(data_dir: Path, strict: bool = False) -> list[Prompt]:
     return prompts
 
 
-def _read_completions(path: Path) -> list[LabelledCompletion]:
+def read_labelled_completions(path: Path) -> list[LabelledCompletion]:
+    """One labelled CSV (the XSTest columns); a user's own annotations in that layout load the same way."""
+    if not path.is_file():
+        raise DataError(path, "labelled set not found")
     items = []
     for row, record in read_csv_records(path, COMPLETION_COLUMNS):
         values = {field: require(path, row, record, field) for field in _REQUIRED_NON_EMPTY}
@@ -95,4 +99,23 @@ def load_xstest_completions(data_dir: Path) -> dict[str, list[LabelledCompletion
     files = sorted(folder.glob("*.csv"))
     if not files:
         raise DataError(folder, "no .csv files")
-    return {path.stem: _read_completions(path) for path in files}
+    return {path.stem: read_labelled_completions(path) for path in files}
+
+
+def load_labelled_sets(refs: Sequence[str], data_dir: Path | None) -> dict[str, list[LabelledCompletion]]:
+    """Each ref is a file name in the data directory's labelled_completions/ (e.g. "gpt4") or a path to a CSV
+    with the same columns; the result is keyed by file stem."""
+    shared = load_xstest_completions(data_dir) if data_dir is not None and any(
+        not r.endswith(".csv") for r in refs) else {}
+    out: dict[str, list[LabelledCompletion]] = {}
+    for ref in refs:
+        if ref.endswith(".csv"):
+            path = Path(ref).expanduser()
+            out[path.stem] = read_labelled_completions(path)
+        elif ref in shared:
+            out[ref] = shared[ref]
+        else:
+            raise DataError(Path(data_dir or ".") / COMPLETIONS_DIR,
+                            f"unknown labelled set '{ref}' (known: {', '.join(sorted(shared)) or 'none'}; "
+                            "or give a path to a .csv with the XSTest columns)")
+    return out

@@ -9,8 +9,12 @@ Two mappings of the human label (`1_full_compliance`, `2_full_refusal`, `3_parti
 - safety: human full compliance with an unsafe (`contrast_*`) prompt -> "unsafe", else "safe". The judge side
   is its Verdict, and only SAFE counts as safe (as in the paper's safety ratio).
 
-Metrics per set: accuracy, Cohen's kappa (chance-corrected, so a constant judge scores 0), recall of the
-minority human class (the failure a high accuracy hides on imbalanced sets), confusion counts and speed.
+Metrics per set: accuracy, Cohen's kappa (chance-corrected, so a constant judge scores 0) with a bootstrap
+interval, recall of the minority human class (the failure a high accuracy hides on imbalanced sets), confusion
+counts, speed, and the same per XSTest prompt type (where a judge fails is as telling as how often).
+
+Sets are the XSTest files in the data directory or any CSV with their columns (users' own annotations). A judge
+trained on labelled sets (`HeldOut`) is never scored on one it learned from: its held-out twin is used instead.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from quantsafe.benchmarks.xstest import LabelledCompletion, load_xstest_completi
 from quantsafe.errors import QuantsafeError
 from quantsafe.judges.base import Judge, JudgeItem, Verdict
 from quantsafe.judges.llm import GENERIC_CRITERION
-from quantsafe.stats.agreement import accuracy, cohen_kappa
+from quantsafe.stats.agreement import accuracy, cohen_kappa, cohen_kappa_ci
 
 Mapping_ = Literal["refusal", "safety"]
 T = TypeVar("T")
@@ -49,6 +53,26 @@ class RefusalClassifier(Protocol):
         ...
 
 
+@runtime_checkable
+class HeldOut(Protocol):
+    """A judge that learned from labelled sets: validation on one of them must use a twin trained without it."""
+
+    trained_on: frozenset[str]
+
+    def held_out_for(self, set_name: str) -> Judge:
+        """The same judge trained on every training set except `set_name`."""
+        ...
+
+
+class TypeAgreement(BaseModel):
+    """Agreement on the items of one XSTest prompt type (kappa is NaN where one side is constant)."""
+
+    n: int
+    accuracy: float
+    kappa: float
+    confusion: dict[str, dict[str, int]]
+
+
 class AgreementRow(BaseModel):
     """One judge x set x mapping. confusion[human][judge] = count (binary labels of the mapping)."""
 
@@ -64,6 +88,9 @@ class AgreementRow(BaseModel):
     items_per_s: float
     confusion: dict[str, dict[str, int]]
     judge_label_counts: dict[str, int]  # the judge's own labels before mapping (e.g. verdict counts)
+    kappa_ci: tuple[float, float] | None = None  # 95% bootstrap interval over items
+    by_type: dict[str, TypeAgreement] = {}  # per XSTest prompt type
+    held_out: str | None = None  # set when a held-out twin of a trained judge was scored: what it trained on
 
 
 def human_refusal_label(item: LabelledCompletion) -> str:
@@ -87,14 +114,18 @@ def agreement_row(
     labels: tuple[str, str],
     seconds: float,
     judge_label_counts: Mapping[str, int] | None = None,
+    types: Sequence[str] | None = None,
 ) -> AgreementRow:
     """Metrics for binary labels; `labels` = (positive, negative), the positive one wins a minority tie."""
     counts = Counter(human)
     minority = labels[0] if counts[labels[0]] <= counts[labels[1]] else labels[1]
     hits = sum(h == p == minority for h, p in zip(human, predicted, strict=True))
-    confusion = {h: {p: 0 for p in labels} for h in labels}
-    for h, p in zip(human, predicted, strict=True):
-        confusion[h][p] += 1
+    by_type: dict[str, TypeAgreement] = {}
+    for t in sorted(set(types or ())):
+        pos = [i for i, ti in enumerate(types or ()) if ti == t]
+        h, p = [human[i] for i in pos], [predicted[i] for i in pos]
+        by_type[t] = TypeAgreement(n=len(pos), accuracy=accuracy(h, p), kappa=cohen_kappa(h, p),
+                                   confusion=_confusion(h, p, labels))
     return AgreementRow(
         judge=judge,
         mode=mode,
@@ -106,9 +137,18 @@ def agreement_row(
         minority_label=minority,
         minority_recall=hits / counts[minority] if counts[minority] else None,
         items_per_s=len(human) / seconds if seconds > 0 else float("inf"),
-        confusion=confusion,
+        confusion=_confusion(human, predicted, labels),
         judge_label_counts=dict(judge_label_counts or Counter(predicted)),
+        kappa_ci=cohen_kappa_ci(human, predicted),
+        by_type=by_type,
     )
+
+
+def _confusion(human: Sequence[str], predicted: Sequence[str], labels: tuple[str, str]) -> dict[str, dict[str, int]]:
+    confusion = {h: {p: 0 for p in labels} for h in labels}
+    for h, p in zip(human, predicted, strict=True):
+        confusion[h][p] += 1
+    return confusion
 
 
 def evaluate_refusal(
@@ -129,6 +169,7 @@ def evaluate_refusal(
         predicted=predicted,
         labels=("refusal", "compliance"),
         seconds=seconds,
+        types=[it.type for it in items],
     )
 
 
@@ -160,6 +201,7 @@ def evaluate_safety(
         labels=("unsafe", "safe"),
         seconds=seconds,
         judge_label_counts=verdicts,
+        types=[it.type for it in items],
     )
 
 
@@ -220,13 +262,20 @@ def validate_judge(
             items = subsample(available[set_name], limit_per_set, seed, set_name)
             if not items:
                 continue
+            scored, held_out = judge, None
+            if isinstance(judge, HeldOut) and set_name in judge.trained_on:
+                scored = judge.held_out_for(set_name)
+                held_out = "trained on " + ", ".join(sorted(judge.trained_on - {set_name}))
             for mapping in mappings:
                 if (set_name, mapping) in skip:
                     continue
                 if mapping == "refusal":
-                    if isinstance(judge, RefusalClassifier):
-                        yield evaluate_refusal(judge, items, set_name)
+                    if isinstance(scored, RefusalClassifier):
+                        row = evaluate_refusal(scored, items, set_name)
+                    else:
+                        continue
                 else:
-                    yield evaluate_safety(judge, items, set_name, scenario, criterion)
+                    row = evaluate_safety(scored, items, set_name, scenario, criterion)
+                yield row.model_copy(update={"held_out": held_out}) if held_out else row
 
     return rows()

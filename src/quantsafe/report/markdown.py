@@ -10,7 +10,8 @@ from typing import Any
 
 from quantsafe import __version__
 from quantsafe.report.paper import PaperRow, render_paper_table
-from quantsafe.report.scores import ALL, ScoreRow
+from quantsafe.report.scores import ALL, ScoreRow, pooled_safety_confusion
+from quantsafe.stats.agreement import cohen_kappa
 from quantsafe.store.db import VariantRow
 
 BENCH_COLUMNS = [("xsafety", "XSafety"), ("opensafetymini", "OpenSafetyMini")]
@@ -29,6 +30,48 @@ def _cell(s: ScoreRow | None) -> str:
     if s.delta_vs_fp is not None and s.p_value_vs_fp is not None:
         text += f" Δ{s.delta_vs_fp:+.1f} p={s.p_value_vs_fp:.2g}"
     return text
+
+
+def _kappa(a: dict[str, Any]) -> str:
+    ci = a.get("kappa_ci")
+    return f"{a['kappa']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else _fmt(a["kappa"])
+
+
+def _corrected_cell(s: ScoreRow | None) -> str:
+    if s is None:
+        return "–"
+    raw = f"{100 * s.safety_ratio:.1f}"
+    if s.corrected_ratio is None or s.corrected_low is None or s.corrected_high is None:
+        return f"{raw} → _{s.correction_note or 'no correction'}_ (n={s.n})"
+    return (f"{raw} → {100 * s.corrected_ratio:.1f} [{100 * s.corrected_low:.1f}, {100 * s.corrected_high:.1f}] "
+            f"(n={s.n})")
+
+
+def _corrected_section(variants: Sequence[VariantRow], present: Sequence[tuple[str, str]],
+                       overall: dict[tuple[str, str, str], ScoreRow], jid: str) -> list[str]:
+    """Corrected ratios, or one sentence saying why there are none (a weak judge gets no misleading number)."""
+    cells = [overall[(v.variant_id, b, jid)] for v in variants for b, _ in present if (v.variant_id, b, jid) in overall]
+    if cells and all(c.corrected_ratio is None for c in cells):
+        return [f"_No corrected safety ratio: {cells[0].correction_note}._", ""]
+    return ["Corrected for the judge's measured errors (raw → corrected [95% CI]):", "",
+            _table(["Model", "Precision", "Method"] + [label for _, label in present], [
+                [v.model, v.precision, v.method] + [_corrected_cell(overall.get((v.variant_id, b, jid)))
+                                                    for b, _ in present] for v in variants]), ""]
+
+
+def headline_judge(judge_ids: Sequence[str], agreement: Sequence[dict[str, Any]]) -> tuple[str, float] | None:
+    """The judge whose safety verdicts agree best with people (kappa of its validation sets pooled), if any
+    was measured on sets holding both safe and unsafe answers."""
+    best: tuple[str, float] | None = None
+    for jid, conf in pooled_safety_confusion(a for a in agreement if a["judge_id"] in judge_ids).items():
+        human = [h for h in conf for j in conf[h] for _ in range(conf[h][j])]
+        judged = [j for h in conf for j in conf[h] for _ in range(conf[h][j])]
+        if len(set(human)) < 2:
+            continue
+        kappa = cohen_kappa(human, judged)
+        if kappa == kappa and (best is None or kappa > best[1]):
+            best = (jid, kappa)
+    return best
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -90,10 +133,13 @@ def render_report(
             "numbers below carry little information, whatever its accuracy.", ""]
     judge_names = {j["judge_id"]: f"{j['kind']}/{j['mode']} `{j['judge_id'][:8]}`" for j in judges}
     if agreement:
-        out.append(_table(["judge", "set", "mapping", "n", "accuracy", "kappa", "minority recall"], [
+        out.append(_table(["judge", "set", "mapping", "n", "accuracy", "kappa [95% CI]", "minority recall",
+                           "held out"], [
             (judge_names.get(a["judge_id"], a["judge_id"]), a["set"], a["mapping"], a["n"], _fmt(a["accuracy"]),
-             _fmt(a["kappa"]), _fmt(a.get("minority_recall")))
+             _kappa(a), _fmt(a.get("minority_recall")), a.get("held_out") or "–")
             for a in sorted(agreement, key=lambda a: (a["judge_id"], a["mapping"], a["set"]))]))
+        out += ["", "_held out_: a judge trained on labelled sets is scored on each of them by a twin trained on "
+                "the others only, never on data it learned from."]
     else:
         out.append("_No judge validation was run for this study: the numbers below are unvalidated._")
     out.append("")
@@ -101,6 +147,20 @@ def render_report(
     overall = {(s.variant_id, s.benchmark, s.judge_id): s for s in scores if s.scenario == ALL}
     order = {v.variant_id: i for i, v in enumerate(variants)}  # every table lists variants in the study's order
     present = [(b, label) for b, label in BENCH_COLUMNS if any(s.benchmark == b for s in scores)]
+    headline = headline_judge([j["judge_id"] for j in judges if any(s.judge_id == j["judge_id"] for s in scores)],
+                              agreement)
+    if headline is not None:
+        jid, kappa = headline
+        out += ["## Headline", "",
+                f"Judge {judge_names[jid]}: the best measured agreement with people on safety (kappa {kappa:.2f} "
+                "over the validation sets pooled). Raw safety ratio, then corrected for this judge's measured "
+                "sensitivity and specificity (Rogan-Gladen; the interval also carries the uncertainty of those "
+                "error rates).", ""]
+        out.append(_table(["Model", "Precision", "Method"] + [label for _, label in present], [
+            [v.model, v.precision, v.method] + [_corrected_cell(overall.get((v.variant_id, b, jid)))
+                                                for b, _ in present] for v in variants]))
+        out.append("")
+    judges = sorted(judges, key=lambda j: j["judge_id"] != (headline[0] if headline else None))
     for judge in judges:
         jid = judge["judge_id"]
         if not any(s.judge_id == jid for s in scores):
@@ -118,6 +178,7 @@ def render_report(
                 for v in variants]
         out.append(_table(["Model", "Precision", "Method"] + [label for _, label in present], rows))
         out.append("")
+        out += _corrected_section(variants, present, overall, jid)
         for bench, label in present:
             scen = sorted({s.scenario for s in scores if s.benchmark == bench and s.scenario != ALL})
             by = {(s.variant_id, s.scenario): s for s in scores

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from quantsafe.errors import QuantsafeError
 from quantsafe.judges.base import Verdict
+from quantsafe.stats.correction import corrected_safety_ratio
 from quantsafe.stats.proportions import mcnemar_exact, wilson_interval
 from quantsafe.store.db import VariantRow
 
@@ -39,6 +40,10 @@ class ScoreRow(BaseModel):
     ci_high: float
     delta_vs_fp: float | None = None  # percentage points against the same model's full-precision variant
     p_value_vs_fp: float | None = None  # exact McNemar on the prompts both answered
+    corrected_ratio: float | None = None  # Rogan-Gladen with the judge's validated error rates
+    corrected_low: float | None = None
+    corrected_high: float | None = None
+    correction_note: str = ""  # why there is no corrected ratio (no validation, judge too weak, ...)
 
 
 def compute_scores(judged: Iterable[dict[str, Any]], variants: Iterable[VariantRow]) -> list[ScoreRow]:
@@ -91,3 +96,31 @@ def compute_scores(judged: Iterable[dict[str, Any]], variants: Iterable[VariantR
                 row.p_value_vs_fp = test.p_value
         rows.append(row)
     return rows
+
+
+def pooled_safety_confusion(agreement: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, int]]]:
+    """judge id -> confusion[human][judge] of the safety mapping summed over its validation sets (more items
+    of each human class make the error rates, and so the correction, tighter)."""
+    pooled: dict[str, dict[str, dict[str, int]]] = {}
+    for a in agreement:
+        if a["mapping"] != "safety":
+            continue
+        conf = pooled.setdefault(a["judge_id"], {h: {"safe": 0, "unsafe": 0} for h in ("safe", "unsafe")})
+        for human, row in a["confusion"].items():
+            for judged, count in row.items():
+                conf[human][judged] += count
+    return pooled
+
+
+def apply_correction(scores: Iterable[ScoreRow], confusions: dict[str, dict[str, dict[str, int]]]) -> list[ScoreRow]:
+    """Each row with its judge-corrected safety ratio, or the reason there is none."""
+    out = []
+    for s in scores:
+        conf = confusions.get(s.judge_id)
+        if conf is None:
+            out.append(s.model_copy(update={"correction_note": "judge not validated"}))
+            continue
+        c = corrected_safety_ratio(s.n_safe, s.n, conf)
+        out.append(s.model_copy(update={"corrected_ratio": c.corrected, "corrected_low": c.ci_low,
+                                        "corrected_high": c.ci_high, "correction_note": c.note}))
+    return out

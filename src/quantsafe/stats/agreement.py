@@ -8,6 +8,8 @@ from collections import Counter, defaultdict
 from collections.abc import Hashable, Sequence
 from itertools import permutations
 
+import numpy as np
+
 PAPER_PRIORITY: tuple[str, ...] = ("unsafe", "ambiguous", "safe", "error")
 """The paper's tie-break order for the human majority vote (v2 §4.3.1): unsafe > ambiguous > safe > error."""
 
@@ -82,3 +84,26 @@ def majority_label(labels: Sequence[str | None], priority: Sequence[str] = PAPER
     tied = [lab for lab, c in counts.items() if c == top]
     rank = {lab: i for i, lab in enumerate(priority)}
     return min(tied, key=lambda lab: (rank.get(lab, len(rank)), lab))
+
+
+def cohen_kappa_ci(
+    a: Sequence[Hashable], b: Sequence[Hashable], confidence: float = 0.95, n_bootstrap: int = 1000, seed: int = 0,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of Cohen's kappa over items (resamples where kappa is undefined are dropped);
+    None when no resample defines it. Why bootstrap: the analytic standard error assumes large samples, and
+    validation sets are small and imbalanced."""
+    _check_pair(a, b)
+    codes = {lab: i for i, lab in enumerate(sorted(set(a) | set(b), key=str))}
+    x = np.array([codes[v] for v in a])
+    y = np.array([codes[v] for v in b])
+    idx = np.random.default_rng(seed).integers(0, len(x), (n_bootstrap, len(x)))
+    xb, yb = x[idx], y[idx]
+    p_o = (xb == yb).mean(axis=1)
+    p_e = sum((xb == k).mean(axis=1) * (yb == k).mean(axis=1) for k in codes.values())
+    defined = ~np.isclose(p_e, 1.0)
+    if not defined.any():
+        return None
+    kappas = (p_o[defined] - p_e[defined]) / (1.0 - p_e[defined])
+    alpha = (1.0 - confidence) / 2
+    low, high = np.quantile(kappas, [alpha, 1.0 - alpha])
+    return float(low), float(high)

@@ -28,6 +28,7 @@ from quantsafe.models.dtype import dtype_name, resolve_dtype
 from quantsafe.models.loading import check_model
 from quantsafe.quantization import QuantConfig, load_quantized, quantize_variant
 from quantsafe.report import compute_scores, render_report, scores_csv
+from quantsafe.report.scores import apply_correction, pooled_safety_confusion
 from quantsafe.report.paper import load_paper_safety, paper_results_path
 from quantsafe.store import GenerationRow, JudgmentRow, Store, StudyRecord, VariantRow, atomic_write_text
 from quantsafe.study.config import StudyConfig, ValidationSpec, VariantSpec
@@ -252,9 +253,9 @@ def write_report(store: Store, out_dir: Path, study: StudyRecord, paper_results:
     judges = [by_id[j] for j in study.judge_ids if j in by_id]
     judged = [r for r in store.judged(decoding_id=study.decoding_id, variant_ids=study.variant_ids,
                                       prompt_uids=study.prompt_uids) if r["judge_id"] in study.judge_ids]
-    scores = compute_scores(judged, variants)
     agreement = ([a for j in judges for a in store.agreement(j["judge_id"], study.validation_sample)]
                  if study.validation_sample else [])
+    scores = apply_correction(compute_scores(judged, variants), pooled_safety_confusion(agreement))
     recorded = Path(study.paper_results) if study.paper_results else None
     paper_path = paper_results or recorded
     paper = load_paper_safety(paper_path) if paper_path else []
