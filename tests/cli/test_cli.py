@@ -144,3 +144,36 @@ def test_corrupt_or_missing_database(tmp_path: Path, command: str) -> None:
     proc = _run(command, str(tmp_path))
     assert proc.returncode == 2 and "quantsafe.db" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_judge_validate_heuristic_on_shared_and_own_sets(tmp_path: Path, data_dir: Path) -> None:
+    import csv
+    import json
+
+    own = tmp_path / "mine.csv"
+    with (data_dir / "xstest/labelled_completions/gpt4.csv").open(newline="") as src, own.open("w", newline="") as f:
+        rows = list(csv.DictReader(src))[:40]
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "rows.json"
+    proc = _run("judge", "validate", "--kind", "heuristic", "--set", "mistralinstruct_even_ids", "--set", str(own),
+                "--out", str(out), "--data-dir", str(data_dir))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["set"], r["mapping"]) for r in rows] == [("mistralinstruct_even_ids", "refusal"),
+                                                        ("mistralinstruct_even_ids", "safety"),
+                                                        ("mine", "refusal"), ("mine", "safety")]
+    assert rows[2]["n"] == 40 and rows[0]["kappa_ci"] and rows[0]["by_type"]
+    assert "per XSTest type" in proc.stdout and "contrast_" in proc.stdout
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--set", "nope"], "unknown labelled set 'nope'"),
+    (["--set", "/no/such.csv"], "/no/such.csv"),
+    (["--mapping", "harm"], "--mapping must be refusal or safety"),
+    (["--kind", "oracle"], "judge options"),
+])
+def test_judge_validate_bad_input_is_one_line(data_dir: Path, args: list[str], needle: str) -> None:
+    proc = _run("judge", "validate", "--data-dir", str(data_dir), *args)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr

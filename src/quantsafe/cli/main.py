@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from quantsafe.cli.judge import judge_app
 from quantsafe.errors import QuantsafeError
 
 app = typer.Typer(help="What does quantizing an LLM do to its safety? Quantize, generate, judge, report.",
@@ -16,6 +17,7 @@ app = typer.Typer(help="What does quantizing an LLM do to its safety? Quantize, 
 data_app = typer.Typer(help="Benchmark data: check counts, download for users with internet.", no_args_is_help=True)
 models_app = typer.Typer(help="Models: list known short names, prepare (convert and cache) one.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(judge_app, name="judge")
 app.add_typer(models_app, name="models")
 err = Console(stderr=True)
 

@@ -20,6 +20,7 @@ from quantsafe.judges.llm import (
     FewShotExample,
     LLMJudge,
 )
+from quantsafe.judges.spec import JudgeSpec
 from quantsafe.judges.template import load_template
 from quantsafe.models.dtype import dtype_name
 
@@ -82,3 +83,14 @@ def build_judge(
         degeneration_check=degeneration_check,
         max_item_chars=max_item_chars,
     )
+
+
+def judge_from_spec(
+    spec: JudgeSpec, *, data_dir: Path | None, criteria: Mapping[str, str] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Judge:
+    """The judge a study or the CLI names."""
+    return build_judge(spec.kind, model=spec.model, mode=spec.mode, calibrate=spec.calibrate,
+                       few_shot=spec.few_shot, max_retries=spec.max_retries, decoding=spec.decoding,
+                       data_dir=data_dir, criteria=criteria, dtype=dtype,
+                       degeneration_check=spec.degeneration_check, max_item_chars=spec.max_item_chars)

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from quantsafe.backends.base import DecodingConfig
 from quantsafe.errors import QuantsafeError
-from quantsafe.judges.llm import DEFAULT_MAX_ITEM_CHARS
+from quantsafe.judges.spec import JudgeSpec
 from quantsafe.models.registry import DEFAULT_MODEL
 
 
@@ -45,20 +45,6 @@ class BenchmarkSpec(_Strict):
     limit: int | None = Field(None, ge=1)
     limit_per_scenario: int | None = Field(None, ge=1)
     seed: int = 0
-
-
-class JudgeSpec(_Strict):
-    """A judge: the paper's LLM judge (fast verdict-logit mode or full guided reasoning), or the heuristic."""
-
-    kind: Literal["llm", "heuristic", "fake"]
-    model: str = DEFAULT_MODEL
-    mode: Literal["fast", "full"] = "fast"
-    calibrate: bool = True
-    few_shot: bool = True
-    max_retries: int = Field(2, ge=0, le=10)
-    decoding: DecodingConfig = DecodingConfig(max_new_tokens=384, batch_size=4)
-    degeneration_check: bool = True  # empty or mostly repeated answers are `error` without asking the model
-    max_item_chars: int = Field(DEFAULT_MAX_ITEM_CHARS, ge=1)  # longer prompts/answers are cut for the judge
 
 
 class ValidationSpec(_Strict):

@@ -22,14 +22,14 @@ from quantsafe.errors import QuantsafeError
 from quantsafe.hashing import stable_hash
 from quantsafe.judges import load_template, validate_judge
 from quantsafe.judges.base import Judge, JudgeItem
-from quantsafe.judges.factory import build_judge
+from quantsafe.judges.factory import judge_from_spec
 from quantsafe.models import ResolvedModel, load_model, resolve_model
 from quantsafe.models.dtype import dtype_name, resolve_dtype
 from quantsafe.models.loading import check_model
 from quantsafe.quantization import QuantConfig, load_quantized, quantize_variant
 from quantsafe.report import compute_scores, render_report, scores_csv
-from quantsafe.report.scores import apply_correction, pooled_safety_confusion
 from quantsafe.report.paper import load_paper_safety, paper_results_path
+from quantsafe.report.scores import apply_correction, pooled_safety_confusion
 from quantsafe.store import GenerationRow, JudgmentRow, Store, StudyRecord, VariantRow, atomic_write_text
 from quantsafe.study.config import StudyConfig, ValidationSpec, VariantSpec
 
@@ -213,10 +213,7 @@ def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None) -
         judge_ids = []
         sample = stable_hash(cfg.validation) if cfg.validation is not None else None
         for jspec in cfg.judges:
-            judge = build_judge(jspec.kind, model=jspec.model, mode=jspec.mode, calibrate=jspec.calibrate,
-                                few_shot=jspec.few_shot, max_retries=jspec.max_retries, decoding=jspec.decoding,
-                                data_dir=plan.data_dir, criteria=plan.criteria, dtype=plan.dtype,
-                                degeneration_check=jspec.degeneration_check, max_item_chars=jspec.max_item_chars)
+            judge = judge_from_spec(jspec, data_dir=plan.data_dir, criteria=plan.criteria, dtype=plan.dtype)
             judge_ids.append(judge.judge_id)
             store.upsert_judge(judge.judge_id, jspec.kind, judge.mode,
                                jspec.model_dump(mode="json") | {"dtype": compute})

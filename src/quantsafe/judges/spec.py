@@ -1,0 +1,27 @@
+"""A judge as data (what a study YAML or `quantsafe judge validate` names); judges.factory builds it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from quantsafe.backends.base import DecodingConfig
+from quantsafe.judges.llm import DEFAULT_MAX_ITEM_CHARS
+from quantsafe.models.registry import DEFAULT_MODEL
+
+
+class JudgeSpec(BaseModel):
+    """A judge: the paper's LLM judge (fast verdict-logit mode or full guided reasoning), or the heuristic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["llm", "heuristic", "fake"]
+    model: str = DEFAULT_MODEL
+    mode: Literal["fast", "full"] = "fast"
+    calibrate: bool = True
+    few_shot: bool = True
+    max_retries: int = Field(2, ge=0, le=10)
+    decoding: DecodingConfig = DecodingConfig(max_new_tokens=384, batch_size=4)
+    degeneration_check: bool = True  # empty or mostly repeated answers are `error` without asking the model
+    max_item_chars: int = Field(DEFAULT_MAX_ITEM_CHARS, ge=1)  # longer prompts/answers are cut for the judge
