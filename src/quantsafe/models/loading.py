@@ -66,6 +66,13 @@ def _gguf_for_spec(spec: ModelSpec) -> Path:
     return gguf
 
 
+def gguf_path(name: str) -> Path:
+    """The GGUF file of a known model, e.g. to serve it with llama.cpp (quantsafe.backends.llamacpp)."""
+    if name not in KNOWN_MODELS:
+        raise QuantsafeError(f"model '{name}' is not a known name ({', '.join(KNOWN_MODELS)})")
+    return _gguf_for_spec(KNOWN_MODELS[name])
+
+
 def _convert_gguf(gguf: Path, out_dir: Path, sha: str, meta: dict[str, Any]) -> None:
     """Dequantize a GGUF through transformers and save it as a plain bf16 checkpoint (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
