@@ -13,6 +13,12 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 
 setup: $(VENV)/.installed
 
+# llama-cpp-python[server], for the HTTP backend's tests against a real OpenAI-compatible server; the wheel
+# compiles once per CPU (~9 min on 2 cores) and is cached under ~/.cache/quantsafe/wheels.
+$(VENV)/.llama-server: scripts/llama_server.sh $(VENV)/.installed
+	VENV=$(VENV) ./scripts/llama_server.sh
+	touch $@
+
 demo: setup
 	QUANTSAFE_DATA_DIR=$(DATA_DIR) QUANTSAFE_PAPER_RESULTS=$(PAPER_RESULTS) HF_HUB_OFFLINE=1 $(VENV)/bin/quantsafe run studies/demo.yaml --out $(OUT)
 	@echo "report: $(OUT)/report.md"
@@ -21,8 +27,8 @@ lint: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
 
-test: setup lint
-	QUANTSAFE_DATA_DIR=$(DATA_DIR) HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
+test: setup lint $(VENV)/.llama-server
+	QUANTSAFE_DATA_DIR=$(DATA_DIR) HF_HUB_OFFLINE=1 QUANTSAFE_REQUIRE_LLAMA_SERVER=1 $(VENV)/bin/pytest -q
 
 bench: setup
 	QUANTSAFE_DATA_DIR=$(DATA_DIR) HF_HUB_OFFLINE=1 $(PY) bench/generation.py

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import ValidationError
+
 
 class QuantsafeError(Exception):
     """Bad input or configuration that the user can fix."""
@@ -22,3 +24,11 @@ class DataError(QuantsafeError):
         self.path = Path(path)
         self.row = row
         self.field = field
+
+
+def validation_message(err: ValidationError, source: str) -> str:
+    """A pydantic error as one line naming the source and the first bad field."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: field '{loc}': {first['msg']}{more}"

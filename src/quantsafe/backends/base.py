@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -59,8 +59,11 @@ class Backend(Protocol):
 
     name: str
 
-    def generate(self, conversations: Sequence[list[Message]], decoding: DecodingConfig) -> list[Generation]:
-        """Chat-generate one response per conversation, in input order."""
+    def generate(
+        self, conversations: Sequence[list[Message]], decoding: DecodingConfig,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[Generation]:
+        """Chat-generate one response per conversation, in input order; `on_batch(k)` as k more are done."""
         ...
 
     def next_token_logprobs(

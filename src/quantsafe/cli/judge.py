@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from quantsafe.errors import QuantsafeError
+from quantsafe.errors import QuantsafeError, validation_message
 from quantsafe.judges.spec import JudgeSpec
 from quantsafe.judges.validation import AgreementRow
 
@@ -18,7 +19,8 @@ judge_app = typer.Typer(help="Judges: measure them against human labels.", no_ar
 DEFAULT_SETS = ("gpt4", "llama2orig", "mistralinstruct_even_ids")
 
 
-def _specs(study: Path | None, kind: str, mode: str, model: str | None) -> list[JudgeSpec]:
+def _specs(study: Path | None, kind: str, mode: str, model: str | None, endpoint: dict[str, str | None],
+           ) -> list[JudgeSpec]:
     if study is not None:
         from quantsafe.study import load_study
 
@@ -26,10 +28,12 @@ def _specs(study: Path | None, kind: str, mode: str, model: str | None) -> list[
     fields: dict[str, object] = {"kind": kind, "mode": mode}
     if model is not None:
         fields["model"] = model
+    if endpoint["base_url"] is not None:
+        fields["endpoint"] = {k: v for k, v in endpoint.items() if v is not None}
     try:
         return [JudgeSpec.model_validate(fields)]
-    except ValueError as exc:
-        raise QuantsafeError(f"judge options: {str(exc).splitlines()[-1].strip()}") from None
+    except ValidationError as exc:
+        raise QuantsafeError(validation_message(exc, "judge options")) from None
 
 
 def _print(console: Console, rows: list[AgreementRow]) -> None:
@@ -58,6 +62,12 @@ def validate(
     kind: Annotated[str, typer.Option(help="Judge kind: llm, heuristic, trained.")] = "llm",
     mode: Annotated[str, typer.Option(help="LLM judge mode: fast (verdict log-probs) or full (guided JSON).")] = "fast",
     model: Annotated[str | None, typer.Option(help="Judge model (llm) or feature model (trained).")] = None,
+    base_url: Annotated[str | None, typer.Option(
+        help="An OpenAI-compatible server to judge with (llm kind), e.g. http://127.0.0.1:8000/v1.")] = None,
+    served_model: Annotated[str | None, typer.Option(help="The model name the server serves.")] = None,
+    tokenizer: Annotated[str | None, typer.Option(
+        help="Served model's tokenizer (name, directory, hub id), for fast mode over HTTP.")] = None,
+    api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the API key.")] = None,
     study: Annotated[Path | None, typer.Option(help="Validate every judge a study YAML names instead.")] = None,
     sets: Annotated[list[str] | None, typer.Option(
         "--set", help="A labelled file of the data directory (gpt4, llama2orig, mistralinstruct_even_ids) or a "
@@ -70,8 +80,9 @@ def validate(
 ) -> None:
     """Accuracy, Cohen's kappa with a bootstrap CI, minority recall and the confusion matrix, overall and per
     XSTest type, for the refusal and safety mappings."""
+    from quantsafe.backends.request_cache import RequestCache
     from quantsafe.benchmarks.xstest import load_labelled_sets
-    from quantsafe.datadir import resolve_data_dir
+    from quantsafe.datadir import cache_dir, resolve_data_dir
     from quantsafe.judges.factory import judge_from_spec
     from quantsafe.judges.validation import validate_judge
     from quantsafe.models.dtype import resolve_dtype
@@ -86,13 +97,15 @@ def validate(
     needs_data = any(not r.endswith(".csv") for r in refs)
     root = resolve_data_dir(data_dir) if needs_data or data_dir is not None else None
     labelled = load_labelled_sets(refs, root)  # bad set names fail here, before a model loads
-    specs = _specs(study, kind, mode, model)
+    endpoint = {"base_url": base_url, "model": served_model, "tokenizer": tokenizer, "api_key_env": api_key_env}
+    specs = _specs(study, kind, mode, model, endpoint)
     compute = resolve_dtype(dtype)
     if out is not None and out.exists() and out.is_dir():
         raise QuantsafeError(f"{out}: --out must be a file path, not a directory")
+    requests = RequestCache(cache_dir() / "requests.db") if any(s.endpoint for s in specs) else None
     rows: list[AgreementRow] = []
     for spec in specs:
-        judge = judge_from_spec(spec, data_dir=root, dtype=compute)
+        judge = judge_from_spec(spec, data_dir=root, dtype=compute, requests=requests)
         rows += validate_judge(judge, labelled, limit_per_set=limit, mappings=mappings)
     _print(console, rows)
     if out is not None:

@@ -9,6 +9,8 @@ from typing import Literal
 import torch
 
 from quantsafe.backends.base import Backend, DecodingConfig
+from quantsafe.backends.openai_compat import OpenAIBackend
+from quantsafe.backends.request_cache import RequestCache
 from quantsafe.errors import QuantsafeError
 from quantsafe.judges.base import Judge
 from quantsafe.judges.fake import FakeJudge
@@ -87,10 +89,11 @@ def build_judge(
 
 def judge_from_spec(
     spec: JudgeSpec, *, data_dir: Path | None, criteria: Mapping[str, str] | None = None,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype = torch.bfloat16, requests: RequestCache | None = None,
 ) -> Judge:
-    """The judge a study or the CLI names."""
+    """The judge a study or the CLI names; an HTTP judge stores its responses in `requests`."""
+    backend = OpenAIBackend(spec.endpoint, requests) if spec.endpoint is not None else None
     return build_judge(spec.kind, model=spec.model, mode=spec.mode, calibrate=spec.calibrate,
                        few_shot=spec.few_shot, max_retries=spec.max_retries, decoding=spec.decoding,
-                       data_dir=data_dir, criteria=criteria, dtype=dtype,
+                       data_dir=data_dir, criteria=criteria, dtype=dtype, backend=backend,
                        degeneration_check=spec.degeneration_check, max_item_chars=spec.max_item_chars)

@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from quantsafe.backends.base import DecodingConfig
-from quantsafe.errors import QuantsafeError
+from quantsafe.backends.openai_compat import EndpointConfig
+from quantsafe.errors import QuantsafeError, validation_message
 from quantsafe.judges.spec import JudgeSpec
 from quantsafe.models.registry import DEFAULT_MODEL
 
@@ -39,6 +40,22 @@ class VariantSpec(_Strict):
         return f"{self.method}-w{self.bits}{g}"
 
 
+class ServedSpec(_Strict):
+    """A model under test behind an OpenAI-compatible server (vLLM, llama.cpp, TGI), evaluated like any variant.
+    Precision and method are declared (the server does not say); `model` names the study model it is a variant
+    of, so it is paired against that model's full-precision answers."""
+
+    endpoint: EndpointConfig
+    model: str | None = None  # default: the served model name
+    precision: str = "served"  # e.g. int4
+    method: str = "served"  # e.g. gguf-q4_k_m, awq
+    bits_per_weight: float | None = Field(None, gt=0)
+
+    @property
+    def label(self) -> str:
+        return self.model or self.endpoint.model
+
+
 class BenchmarkSpec(_Strict):
     name: Literal["opensafetymini", "xsafety"]
     langs: list[str] = ["en"]
@@ -59,7 +76,8 @@ class StudyConfig(_Strict):
     """A study; empty lists are errors, since they would silently produce an empty report."""
 
     name: str = Field(min_length=1)
-    models: list[str] = Field([DEFAULT_MODEL], min_length=1)
+    models: list[str] = [DEFAULT_MODEL]
+    served: list[ServedSpec] = []  # models under test over HTTP, beside the local models x variants
     variants: list[VariantSpec] = Field([VariantSpec()], min_length=1)
     benchmarks: list[BenchmarkSpec] = Field(min_length=1)
     judges: list[JudgeSpec] = Field(min_length=1)
@@ -70,12 +88,11 @@ class StudyConfig(_Strict):
     artifacts_dir: Path | None = None
     paper_results: Path | None = None  # the paper's results CSV for side-by-side tables ($QUANTSAFE_PAPER_RESULTS)
 
-
-def _one_line(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: field '{loc}': {first['msg']}{more}"
+    @model_validator(mode="after")
+    def _something_to_evaluate(self) -> StudyConfig:
+        if not self.models and not self.served:
+            raise ValueError("a study needs at least one entry in models or served")
+        return self
 
 
 def load_study(path: Path) -> StudyConfig:
@@ -95,4 +112,4 @@ def load_study(path: Path) -> StudyConfig:
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as exc:
-        raise QuantsafeError(_one_line(exc, str(path))) from None
+        raise QuantsafeError(validation_message(exc, str(path))) from None

@@ -13,8 +13,10 @@ from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from quantsafe.backends.base import DecodingConfig
+from quantsafe.backends.base import Backend, DecodingConfig
 from quantsafe.backends.hf import HFBackend
+from quantsafe.backends.openai_compat import OpenAIBackend
+from quantsafe.backends.request_cache import RequestCache
 from quantsafe.benchmarks import Prompt, load_benchmark, load_criteria
 from quantsafe.benchmarks.xstest import load_xstest_completions
 from quantsafe.datadir import cache_dir, resolve_data_dir
@@ -31,9 +33,10 @@ from quantsafe.report import compute_scores, render_report, scores_csv
 from quantsafe.report.paper import load_paper_safety, paper_results_path
 from quantsafe.report.scores import apply_correction, pooled_safety_confusion
 from quantsafe.store import GenerationRow, JudgmentRow, Store, StudyRecord, VariantRow, atomic_write_text
-from quantsafe.study.config import StudyConfig, ValidationSpec, VariantSpec
+from quantsafe.study.config import ServedSpec, StudyConfig, ValidationSpec, VariantSpec
 
 CHUNK = 32  # generations/judgments committed per transaction: what a kill can cost at most
+REQUEST_CACHE = "requests.db"  # every HTTP response of the study (served models, HTTP judges), for free reruns
 
 
 def _progress(console: Console) -> Progress:
@@ -61,14 +64,14 @@ def _quant_config(spec: VariantSpec) -> QuantConfig:
 
 
 def _variant(resolved: ResolvedModel, spec: VariantSpec, data_dir: Path, artifacts: Path, dtype: torch.dtype,
-             ) -> tuple[VariantRow, Callable[[], tuple[Any, Any]]]:
-    """The variant's store row and a loader for its weights in the compute dtype (quantizing first if needed)."""
+             ) -> tuple[VariantRow, Callable[[str], Backend]]:
+    """The variant's store row and a loader of its weights in the compute dtype (quantizing first if needed)."""
     if spec.is_full_precision:
         vid = stable_hash({"source": resolved.source_sha256, "method": "none"})
         row = VariantRow(variant_id=vid, model=resolved.name, precision="bf16", method="none",
                          bits_per_weight=16.0, source_sha256=resolved.source_sha256,
                          dequantized_gguf=resolved.dequantized_gguf, config={"method": "none"})
-        return row, lambda: load_model(resolved, dtype)
+        return row, lambda name: HFBackend(*load_model(resolved, dtype), name)
     qcfg = _quant_config(spec)
     art = quantize_variant(resolved, qcfg, data_dir, artifacts, dtype=dtype)
     row = VariantRow(variant_id=art.artifact_id, model=resolved.name, precision=f"int{qcfg.bits}",
@@ -76,17 +79,33 @@ def _variant(resolved: ResolvedModel, spec: VariantSpec, data_dir: Path, artifac
                      bits_per_weight=art.bits_per_weight, source_sha256=resolved.source_sha256,
                      dequantized_gguf=resolved.dequantized_gguf, artifact_path=str(art.path),
                      config=qcfg.model_dump(mode="json"))
-    return row, lambda: load_quantized(art.path, dtype=dtype)
+    return row, lambda name: HFBackend(*load_quantized(art.path, dtype=dtype), name)
 
 
-def _generate(store: Store, variant: VariantRow, loader: Callable[[], tuple[Any, Any]], prompts: Sequence[Prompt],
+def _served_variant(spec: ServedSpec, cache: RequestCache | None) -> tuple[VariantRow, Callable[[str], Backend]]:
+    """A served model: keyed by what changes its answers (served name, declared weights), not by its address,
+    which is recorded as its source."""
+    vid = stable_hash({"served": spec.endpoint.identity(), "precision": spec.precision, "method": spec.method})
+    row = VariantRow(variant_id=vid, model=spec.label, precision=spec.precision, method=spec.method,
+                     bits_per_weight=spec.bits_per_weight, source_sha256=spec.endpoint.weights_sha256 or "",
+                     dequantized_gguf=False, artifact_path=f"{spec.endpoint.base_url} ({spec.endpoint.model})",
+                     config=spec.model_dump(mode="json"))
+    return row, lambda _name: OpenAIBackend(spec.endpoint, cache)
+
+
+def _served_source(spec: ServedSpec) -> dict[str, Any]:
+    """The report's provenance line for a served model."""
+    return {"name": spec.label, "source": f"served by {spec.endpoint.base_url} as '{spec.endpoint.model}'",
+            "source_sha256": spec.endpoint.weights_sha256 or "not declared", "dequantized_gguf": False}
+
+
+def _generate(store: Store, variant: VariantRow, loader: Callable[[str], Backend], prompts: Sequence[Prompt],
               decoding: DecodingConfig, gen_key: str, dtype: torch.dtype, console: Console) -> None:
     done = store.done_generations(variant.variant_id, gen_key)
     todo = [p for p in prompts if p.uid not in done]
     if not todo:
         return
-    model, tok = loader()
-    backend = HFBackend(model, tok, variant.variant_id)
+    backend = loader(variant.variant_id)
     record = decoding.model_dump() | {"dtype": dtype_name(dtype)}
     with _progress(console) as bar:
         task = bar.add_task(f"generate {variant.model} {variant.precision} {variant.method}", total=len(todo))
@@ -99,7 +118,7 @@ def _generate(store: Store, variant: VariantRow, loader: Callable[[], tuple[Any,
                 benchmark=p.benchmark, lang=p.lang, scenario=p.scenario, prompt=p.text, response=g.text,
                 n_new_tokens=g.n_new_tokens, finished=g.finished, truncated=g.truncated, decoding=record)
                 for p, g in zip(chunk, gens, strict=True))
-    del model, backend
+    del backend
     gc.collect()
 
 
@@ -201,6 +220,8 @@ def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None) -
     console.print(f"[bold]{cfg.name}[/]: {len(cfg.models)} model(s) × {len(cfg.variants)} variant(s), "
                   f"{len(plan.prompts)} prompts, {len(cfg.judges)} judge(s), compute dtype {compute} → {out_dir}")
     variants: list[VariantRow] = []
+    needs_http = bool(cfg.served) or any(j.endpoint is not None for j in cfg.judges)
+    requests = RequestCache(out_dir / REQUEST_CACHE) if needs_http else None
     with Store.open(out_dir / "quantsafe.db") as store:
         for resolved in plan.models:
             for spec in cfg.variants:
@@ -209,11 +230,18 @@ def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None) -
                 store.upsert_variant(row)
                 variants.append(row)
                 _generate(store, row, loader, plan.prompts, cfg.decoding, gen_key, plan.dtype, console)
+        for served in cfg.served:
+            console.print(f"served {served.label} {served.precision} {served.method} at {served.endpoint.base_url}")
+            row, loader = _served_variant(served, requests)
+            store.upsert_variant(row)
+            variants.append(row)
+            _generate(store, row, loader, plan.prompts, cfg.decoding, gen_key, plan.dtype, console)
         paper = paper_results_path(cfg.paper_results)
         judge_ids = []
         sample = stable_hash(cfg.validation) if cfg.validation is not None else None
         for jspec in cfg.judges:
-            judge = judge_from_spec(jspec, data_dir=plan.data_dir, criteria=plan.criteria, dtype=plan.dtype)
+            judge = judge_from_spec(jspec, data_dir=plan.data_dir, criteria=plan.criteria, dtype=plan.dtype,
+                                    requests=requests)
             judge_ids.append(judge.judge_id)
             store.upsert_judge(judge.judge_id, jspec.kind, judge.mode,
                                jspec.model_dump(mode="json") | {"dtype": compute})
@@ -225,7 +253,8 @@ def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None) -
         study = StudyRecord(
             name=cfg.name, variant_ids=[v.variant_id for v in variants], prompt_uids=[p.uid for p in plan.prompts],
             decoding_id=gen_key, decoding=cfg.decoding.model_dump() | {"dtype": compute}, judge_ids=judge_ids,
-            validation_sample=sample, models=[m.model_dump(mode="json") for m in plan.models],
+            validation_sample=sample,
+            models=[m.model_dump(mode="json") for m in plan.models] + [_served_source(s) for s in cfg.served],
             config=cfg.model_dump(mode="json"), paper_results=str(paper) if paper else None)
         store.record_study(study)
         return write_report(store, out_dir, study)
