@@ -205,3 +205,25 @@ def test_config_and_training_errors(labelled: dict[str, list[LabelledCompletion]
     with pytest.raises(QuantsafeError, match="does not match"):
         train_judge(CONFIG, labelled, DTYPE, feature_extractor(CONFIG, torch.bfloat16))
     assert trained_mod.XSTEST_SETS == SETS
+
+
+def test_a_study_names_a_trained_judge_with_its_own_csv_sets(
+    labelled: dict[str, list[LabelledCompletion]], tmp_path: Path,
+) -> None:
+    import csv
+
+    from quantsafe.judges.factory import judge_from_spec
+    from quantsafe.judges.spec import JudgeSpec
+
+    paths = []
+    for name in SETS:
+        path = tmp_path / f"mine_{name}.csv"
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "type", "prompt", "completion", "final_label"])
+            w.writerows([it.id, it.type, it.prompt, it.completion, it.final_label] for it in labelled[name])
+        paths.append(str(path))
+    spec = JudgeSpec.model_validate({"kind": "trained", "trained": CONFIG.model_dump() | {"train_sets": paths}})
+    judge = judge_from_spec(spec, data_dir=None, dtype=DTYPE)
+    assert isinstance(judge, TrainedJudge) and judge.trained_on == frozenset(f"mine_{s}" for s in SETS)
+    assert judge.held_out_for("mine_gpt4").trained_on == frozenset({"mine_llama2orig", "mine_mistralinstruct_even_ids"})

@@ -11,6 +11,7 @@ import torch
 from quantsafe.backends.base import Backend, DecodingConfig
 from quantsafe.backends.openai_compat import OpenAIBackend
 from quantsafe.backends.request_cache import RequestCache
+from quantsafe.benchmarks.xstest import load_labelled_sets
 from quantsafe.errors import QuantsafeError
 from quantsafe.judges.base import Judge
 from quantsafe.judges.fake import FakeJudge
@@ -22,7 +23,7 @@ from quantsafe.judges.llm import (
     FewShotExample,
     LLMJudge,
 )
-from quantsafe.judges.spec import JudgeSpec
+from quantsafe.judges.spec import JudgeSpec, TrainedJudgeConfig
 from quantsafe.judges.template import load_template
 from quantsafe.models.dtype import dtype_name
 
@@ -91,9 +92,21 @@ def judge_from_spec(
     spec: JudgeSpec, *, data_dir: Path | None, criteria: Mapping[str, str] | None = None,
     dtype: torch.dtype = torch.bfloat16, requests: RequestCache | None = None,
 ) -> Judge:
-    """The judge a study or the CLI names; an HTTP judge stores its responses in `requests`."""
+    """The judge a study or the CLI names; an HTTP judge stores its responses in `requests`, a trained one is
+    trained on its labelled sets (or its stored artifact reused)."""
+    if spec.kind == "trained":
+        return build_trained_judge(spec.trained, data_dir, dtype)
     backend = OpenAIBackend(spec.endpoint, requests) if spec.endpoint is not None else None
     return build_judge(spec.kind, model=spec.model, mode=spec.mode, calibrate=spec.calibrate,
                        few_shot=spec.few_shot, max_retries=spec.max_retries, decoding=spec.decoding,
                        data_dir=data_dir, criteria=criteria, dtype=dtype, backend=backend,
                        degeneration_check=spec.degeneration_check, max_item_chars=spec.max_item_chars)
+
+
+def build_trained_judge(config: TrainedJudgeConfig, data_dir: Path | None, dtype: torch.dtype) -> Judge:
+    """Training sets are files of the data directory's labelled completions or paths to CSVs in their layout,
+    named by file stem (the names `trained_on` and validation compare)."""
+    from quantsafe.judges.trained import train_judge
+
+    labelled = load_labelled_sets(config.train_sets, data_dir)
+    return train_judge(config.model_copy(update={"train_sets": tuple(labelled)}), labelled, dtype)
