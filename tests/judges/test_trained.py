@@ -32,7 +32,7 @@ from quantsafe.judges.validation import RefusalClassifier
 pytestmark = pytest.mark.slow
 SETS = ("gpt4", "llama2orig", "mistralinstruct_even_ids")
 CONFIG = TrainedJudgeConfig(feature_model="smollm2-135m", layers=(2, 4), max_response_tokens=24, cs=(0.1, 1.0),
-                            augment_words=(6,), folds=2, train_sets=SETS)
+                            augment_words=(6,), folds=2, train_sets=SETS, train_dtype="float32")
 DTYPE = torch.float32  # the same numbers on every machine; the real judge resolves "auto"
 
 
@@ -104,10 +104,10 @@ def test_judge_implements_both_protocols(judge: TrainedJudge) -> None:
 def test_artifact_is_saved_and_reloaded_with_identical_predictions(
     judge: TrainedJudge, labelled: dict[str, list[LabelledCompletion]], private_cache: Path
 ) -> None:
-    folder = private_cache / "judges" / judge.judge_id
+    folder = private_cache / "judges" / judge.artifact_id
     assert {p.name for p in folder.iterdir()} == {"config.json", "heads.npz", "meta.json"}
     meta = json.loads((folder / "meta.json").read_text())
-    assert meta["trained_on"] == list(SETS) and meta["judge_id"] == judge.judge_id
+    assert meta["trained_on"] == list(SETS) and meta["artifact_id"] == judge.artifact_id
     assert TrainedJudgeConfig.model_validate_json((folder / "config.json").read_text()) == CONFIG
     fresh = feature_extractor(CONFIG, DTYPE)
     again = train_judge(CONFIG, labelled, DTYPE, fresh)  # reuses the artifact: no training, no model
@@ -227,3 +227,26 @@ def test_a_study_names_a_trained_judge_with_its_own_csv_sets(
     judge = judge_from_spec(spec, data_dir=None, dtype=DTYPE)
     assert isinstance(judge, TrainedJudge) and judge.trained_on == frozenset(f"mine_{s}" for s in SETS)
     assert judge.held_out_for("mine_gpt4").trained_on == frozenset({"mine_llama2orig", "mine_mistralinstruct_even_ids"})
+
+
+def test_shipped_heads_are_used_when_the_cache_has_none(
+    judge: TrainedJudge, labelled: dict[str, list[LabelledCompletion]], private_cache: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shutil
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(private_cache / "judges" / judge.artifact_id, shipped / judge.artifact_id)
+    monkeypatch.setattr("quantsafe.judges.trained.SHIPPED_HEADS", shipped)
+    monkeypatch.setattr("quantsafe.judges.trained.cache_dir", lambda: tmp_path / "empty-cache")
+    fresh = feature_extractor(CONFIG, DTYPE)
+    again = train_judge(CONFIG, labelled, DTYPE, fresh)
+    assert again.artifact_id == judge.artifact_id and again.judge_id == judge.judge_id
+    assert fresh._model is None  # nothing was trained
+    assert not (tmp_path / "empty-cache" / "judges").exists()
+
+
+def test_judge_id_covers_the_dtype_features_are_read_in(judge: TrainedJudge,
+                                                         labelled: dict[str, list[LabelledCompletion]]) -> None:
+    other = train_judge(CONFIG, labelled, torch.bfloat16)  # same heads (trained in fp32), read in bf16
+    assert other.artifact_id == judge.artifact_id and other.judge_id != judge.judge_id

@@ -34,7 +34,7 @@ import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -48,10 +48,13 @@ from quantsafe.judges.base import JudgeItem, Judgment, Verdict
 from quantsafe.judges.degeneration import degeneration, degeneration_config
 from quantsafe.judges.features import FeatureExtractor, Features, Readout
 from quantsafe.judges.validation import AgreementRow, evaluate_refusal, evaluate_safety
-from quantsafe.models.dtype import resolve_dtype
+from quantsafe.models.dtype import DTYPES, resolve_dtype
 from quantsafe.models.registry import DEFAULT_MODEL
 
 ALGORITHM_VERSION = 1
+SHIPPED_HEADS = Path(__file__).parent / "trained_heads"
+"""Heads of the default config, trained here on the three shared files (and the held-out twins), so a machine
+without fast bf16 need not extract training features (~20 min in fp32 on 2 AVX2 cores) to use the judge."""
 XSTEST_SETS = ("gpt4", "llama2orig", "mistralinstruct_even_ids")
 _WORD = re.compile(r"\S+")
 
@@ -74,6 +77,7 @@ class TrainedJudgeConfig(BaseModel):
     max_iter: int = 5000
     train_sets: tuple[str, ...] = XSTEST_SETS
     seed: int = 0
+    train_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # of the training features (see train_judge)
 
     @field_validator("layers", "harm_readouts", "refusal_readouts", "cs", "train_sets")
     @classmethod
@@ -198,9 +202,11 @@ class TrainedJudge:
         prompt_fold: Mapping[str, int],
         extractor: FeatureExtractor,
         labelled: Mapping[str, Sequence[LabelledCompletion]],
+        artifact_id: str,
     ) -> None:
         self.config = config
         self.judge_id = judge_id
+        self.artifact_id = artifact_id  # the stored heads (the judge id adds the dtype features are read in)
         self.refusal_id = judge_id
         self.refusal = refusal
         self.harm = harm
@@ -273,8 +279,12 @@ class TrainedJudge:
                            self.extractor.dtype, self.extractor)
 
 
-def _artifact_dir(judge_id: str) -> Path:
-    return cache_dir() / "judges" / judge_id
+def _artifact_dir(artifact_id: str) -> Path:
+    """The cache's copy, else the one shipped with quantsafe (scripts/ship_trained_judge.py), else where training
+    will write it."""
+    cached = cache_dir() / "judges" / artifact_id
+    shipped = SHIPPED_HEADS / artifact_id
+    return shipped if not (cached / "meta.json").is_file() and (shipped / "meta.json").is_file() else cached
 
 
 def _save(path: Path, config: TrainedJudgeConfig, meta: dict[str, Any], heads: dict[str, LinearHead],
@@ -371,8 +381,10 @@ def train_judge(
 ) -> TrainedJudge:
     """Train on `labelled[name]` for each name in `config.train_sets`, or reuse the stored artifact of the same id.
 
-    `dtype` defaults to resolve_dtype("auto"). Pass `extractor` (same model, dtype and cuts) to share a loaded
-    model; it is used where it reads the layers needed (all candidates to train, the chosen ones to judge).
+    `dtype` (default resolve_dtype("auto")) is the one features are read in to judge; training reads them in
+    `config.train_dtype`, so the heads (and the shipped ones) are the same on every machine, and the judge id
+    covers both. Pass `extractor` (same model, `dtype` and cuts) to share a loaded model; it is used where it reads
+    the layers needed (all candidates to train, in the training dtype, the chosen ones to judge).
     """
     missing = [name for name in config.train_sets if name not in labelled]
     if missing:
@@ -385,22 +397,27 @@ def train_judge(
     if extractor is not None and (extractor.model_ref, extractor.dtype, extractor.max_tokens) != (
             config.feature_model, dtype, cuts):
         raise QuantsafeError("the feature extractor does not match the trained-judge config (model, dtype or cuts)")
-    candidates = _covering(extractor, config.layers) or feature_extractor(config, dtype)
+    train_dtype = DTYPES[config.train_dtype]
+    trainer = _covering(extractor if dtype == train_dtype else None, config.layers) or feature_extractor(
+        config, train_dtype)
     data_hash = training_data_hash(labelled, config.train_sets)
-    judge_id = stable_hash({"kind": "trained", "algorithm": ALGORITHM_VERSION, "config": config,
-                            "training_data": data_hash, "features": candidates.identity(),
-                            "degeneration_check": degeneration_config()})
-    path = _artifact_dir(judge_id)
+    artifact_id = stable_hash({"kind": "trained", "algorithm": ALGORITHM_VERSION, "config": config,
+                               "training_data": data_hash, "features": trainer.identity(),
+                               "degeneration_check": degeneration_config()})
+    path = _artifact_dir(artifact_id)
     if not (path / "meta.json").is_file():
         items = [(name, it) for name in config.train_sets for it in labelled[name]]
-        meta, heads, folds = _train(config, items, candidates)
-        meta.update(judge_id=judge_id, trained_on=list(config.train_sets), training_data=data_hash,
-                    features=candidates.identity())
+        meta, heads, folds = _train(config, items, trainer)
+        meta.update(artifact_id=artifact_id, trained_on=list(config.train_sets), training_data=data_hash,
+                    features=trainer.identity())
         _save(path, config, meta, heads, folds)
     heads, folds, prompt_fold = _load(path)
     chosen = sorted({heads["refusal"].layer, heads["harm"].layer})
     judging = _covering(extractor, chosen) or feature_extractor(config, dtype, chosen)
-    return TrainedJudge(config, judge_id, heads["refusal"], heads["harm"], folds, prompt_fold, judging, labelled)
+    # the heads are fixed by their artifact; the verdicts also depend on the dtype the features are read in here
+    judge_id = stable_hash({"heads": artifact_id, "features": judging.identity()})
+    return TrainedJudge(config, judge_id, heads["refusal"], heads["harm"], folds, prompt_fold, judging, labelled,
+                        artifact_id)
 
 
 def held_out_judges(
