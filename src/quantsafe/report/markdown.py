@@ -178,7 +178,8 @@ def render_report(
                 for v in variants]
         out.append(_table(["Model", "Precision", "Method"] + [label for _, label in present], rows))
         out.append("")
-        out += _corrected_section(variants, present, overall, jid)
+        if headline is None or jid != headline[0]:  # the headline already shows the headline judge's
+            out += _corrected_section(variants, present, overall, jid)
         for bench, label in present:
             scen = sorted({s.scenario for s in scores if s.benchmark == bench and s.scenario != ALL})
             by = {(s.variant_id, s.scenario): s for s in scores
