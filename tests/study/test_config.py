@@ -1,8 +1,10 @@
+import json
 from pathlib import Path
 
 import pytest
 
 from quantsafe.errors import QuantsafeError
+from quantsafe.judges.trained import TrainedJudgeConfig
 from quantsafe.study import load_study
 
 REPO = Path(__file__).resolve().parents[2]
@@ -11,7 +13,20 @@ REPO = Path(__file__).resolve().parents[2]
 def test_demo_study_parses() -> None:
     cfg = load_study(REPO / "studies" / "demo.yaml")
     assert [v.label() for v in cfg.variants] == ["bf16", "gptq-w4-g64", "rtn-w2-g64", "gptq-w2-g64"]
-    assert {j.kind for j in cfg.judges} == {"llm", "heuristic"}
+    assert {j.kind for j in cfg.judges} == {"trained", "llm", "heuristic"}
+
+
+def test_demo_trained_judge_ships_with_quantsafe() -> None:
+    """The demo must not train on an AVX2-only CPU (~20 min of fp32 features): its heads and held-out twins are in
+    the package."""
+    from quantsafe.judges.trained import SHIPPED_HEADS
+
+    cfg = load_study(REPO / "studies" / "demo.yaml")
+    (spec,) = [j for j in cfg.judges if j.kind == "trained"]
+    metas = [json.loads((d / "meta.json").read_text()) for d in SHIPPED_HEADS.iterdir()]
+    assert {tuple(sorted(m["trained_on"])) for m in metas} >= {tuple(sorted(spec.trained.train_sets))}
+    assert all(TrainedJudgeConfig.model_validate_json((d / "config.json").read_text()).model_copy(
+        update={"train_sets": spec.trained.train_sets}) == spec.trained for d in SHIPPED_HEADS.iterdir())
 
 
 @pytest.mark.parametrize(("text", "needle"), [
