@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_demo_study_parses() -> None:
     cfg = load_study(REPO / "studies" / "demo.yaml")
     assert [v.label() for v in cfg.variants] == ["bf16", "gptq-w4-g64", "rtn-w2-g64", "gptq-w2-g64"]
-    assert {j.kind for j in cfg.judges} == {"trained", "llm", "heuristic"}
+    assert {j.kind for j in cfg.judges} == {"trained", "heuristic"}
 
 
 def test_demo_trained_judge_ships_with_quantsafe() -> None:
