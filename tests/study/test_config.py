@@ -65,3 +65,12 @@ def test_judge_options_from_yaml(tmp_path: Path) -> None:
                     "judges: [{kind: llm, degeneration_check: false, max_item_chars: 500}]\n")
     judge = load_study(path).judges[0]
     assert judge.degeneration_check is False and judge.max_item_chars == 500
+
+
+def test_unknown_trained_judge_set_fails_before_any_model(tmp_path: Path, data_dir: Path) -> None:
+    from quantsafe.study.runner import _plan
+
+    cfg = load_study(REPO / "studies" / "demo.yaml").model_copy(update={"data_dir": data_dir})
+    bad = cfg.judges[0].model_copy(update={"trained": cfg.judges[0].trained.model_copy(update={"train_sets": ("x",)})})
+    with pytest.raises(QuantsafeError, match=r"judges\.0\.trained\.train_sets: .*unknown labelled set 'x'"):
+        _plan(cfg.model_copy(update={"judges": [bad]}), tmp_path / "out")

@@ -94,11 +94,13 @@ def validate(
             raise QuantsafeError(f"--mapping must be refusal or safety, not {m!r}")
         mappings.append("refusal" if m == "refusal" else "safety")
     refs = list(sets or DEFAULT_SETS)
-    needs_data = any(not r.endswith(".csv") for r in refs)
-    root = resolve_data_dir(data_dir) if needs_data or data_dir is not None else None
-    labelled = load_labelled_sets(refs, root)  # bad set names fail here, before a model loads
     endpoint = {"base_url": base_url, "model": served_model, "tokenizer": tokenizer, "api_key_env": api_key_env}
     specs = _specs(study, kind, mode, model, endpoint)
+    # a trained judge reads its training sets from the data directory too
+    wanted = refs + [t for s in specs if s.kind == "trained" for t in s.trained.train_sets]
+    needs_data = any(not r.endswith(".csv") for r in wanted)
+    root = resolve_data_dir(data_dir) if needs_data or data_dir is not None else None
+    labelled = load_labelled_sets(refs, root)  # bad set names fail here, before a model loads
     compute = resolve_dtype(dtype)
     if out is not None and out.exists() and out.is_dir():
         raise QuantsafeError(f"{out}: --out must be a file path, not a directory")

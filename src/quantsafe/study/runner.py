@@ -18,7 +18,7 @@ from quantsafe.backends.hf import HFBackend
 from quantsafe.backends.openai_compat import OpenAIBackend
 from quantsafe.backends.request_cache import RequestCache
 from quantsafe.benchmarks import Prompt, load_benchmark, load_criteria
-from quantsafe.benchmarks.xstest import load_xstest_completions
+from quantsafe.benchmarks.xstest import load_labelled_sets, load_xstest_completions
 from quantsafe.datadir import cache_dir, resolve_data_dir
 from quantsafe.errors import QuantsafeError
 from quantsafe.hashing import stable_hash
@@ -198,6 +198,12 @@ def _plan(cfg: StudyConfig, out_dir: Path) -> _Plan:
                 check_model(resolve_model(jspec.model))
             except QuantsafeError as exc:
                 raise QuantsafeError(f"study '{cfg.name}', judges.{i}: {exc}") from None
+    for i, jspec in enumerate(cfg.judges):
+        if jspec.kind == "trained":
+            try:
+                load_labelled_sets(jspec.trained.train_sets, data_dir)
+            except QuantsafeError as exc:
+                raise QuantsafeError(f"study '{cfg.name}', judges.{i}.trained.train_sets: {exc}") from None
     if any(j.kind == "llm" for j in cfg.judges):
         load_template(data_dir)  # a broken official template is found now, not after generation
     if cfg.validation is not None:
