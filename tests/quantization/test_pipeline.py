@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from quantsafe.quantization import (
     CalibrationConfig,
@@ -17,27 +17,11 @@ from quantsafe.quantization import (
     make_quantizer,
     perplexity,
 )
-from quantsafe.quantization.base import LayerStats, Quantizer, QuantResult
+from quantsafe.quantization.base import LayerStats, Quantizer
 from quantsafe.quantization.calibration import random_windows, token_sha256
 from quantsafe.quantization.rtn import rtn_quantize
-from quantsafe.quantization.sequential import _input_groups, capture_block_inputs, quantize_decoder_blocks
-
-SMALL = {
-    "vocab_size": 128,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
-
-
-def _tiny(kind: str) -> Any:
-    torch.manual_seed(0)
-    if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(**SMALL)).eval()
-    return Qwen2ForCausalLM(Qwen2Config(**SMALL)).eval()
+from quantsafe.quantization.sequential import BlockContext, capture_block_inputs, quantize_decoder_blocks
+from quantsafe.quantization.uniform import UniformLayer
 
 
 class _Recording(Quantizer):
@@ -45,6 +29,7 @@ class _Recording(Quantizer):
 
     name = "recording"
     needs_calibration = True
+    stats = frozenset({"xtx"})
 
     def __init__(self, true_sequential: bool) -> None:
         super().__init__(QuantConfig(method="rtn", bits=8, group_size=None))
@@ -55,17 +40,17 @@ class _Recording(Quantizer):
     def true_sequential(self) -> bool:
         return self._true_sequential
 
-    def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> QuantResult:
+    def quantize(self, weight: torch.Tensor, stats: LayerStats | None, name: str) -> UniformLayer:
         assert stats is not None
         self.seen.append(stats)
         return rtn_quantize(weight, 8, None, False)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_groups_follow_shared_inputs(kind: str) -> None:
-    model = _tiny(kind)
+def test_groups_follow_shared_inputs(tiny_model: Callable[..., Any], kind: str) -> None:
+    model = tiny_model(kind)
     batches = capture_block_inputs(model, torch.randint(0, 128, (2, 16)), batch_size=2)
-    groups = _input_groups(model.model.layers[0], batches[0], 0)
+    groups = BlockContext(model.model.layers[0], 0, batches).input_groups()
     assert groups == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
         ["self_attn.o_proj"],
@@ -76,8 +61,10 @@ def test_groups_follow_shared_inputs(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("true_sequential", [False, True])
-def test_block0_hessian_is_x_xt_of_the_normed_inputs(kind: str, true_sequential: bool) -> None:
-    model = _tiny(kind)
+def test_block0_hessian_is_x_xt_of_the_normed_inputs(
+    tiny_model: Callable[..., Any], kind: str, true_sequential: bool
+) -> None:
+    model = tiny_model(kind)
     tokens = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hidden = model(tokens, output_hidden_states=True).hidden_states[0]
@@ -91,13 +78,13 @@ def test_block0_hessian_is_x_xt_of_the_normed_inputs(kind: str, true_sequential:
     assert quantizer.seen[1] is q_stats  # k_proj shares q_proj's input statistics
 
 
-def test_true_sequential_sees_quantized_attention() -> None:
+def test_true_sequential_sees_quantized_attention(tiny_model: Callable[..., Any]) -> None:
     """o_proj's inputs differ between the modes only because q/k/v were already quantized."""
     tokens = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
     seen = {}
     for mode in (False, True):
         quantizer = _Recording(mode)
-        quantize_decoder_blocks(_tiny("llama"), quantizer, tokens, batch_size=4)
+        quantize_decoder_blocks(tiny_model("llama"), quantizer, tokens, batch_size=4)
         seen[mode] = quantizer.seen[3].xtx  # o_proj of block 0
     assert not torch.equal(seen[False], seen[True])
     torch.testing.assert_close(seen[False], seen[True], rtol=0.05, atol=0.05)
@@ -105,8 +92,8 @@ def test_true_sequential_sees_quantized_attention() -> None:
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("static_groups", [False, True])
-def test_gptq_8bit_keeps_tiny_model_outputs(kind: str, static_groups: bool) -> None:
-    model = _tiny(kind)
+def test_gptq_8bit_keeps_tiny_model_outputs(tiny_model: Callable[..., Any], kind: str, static_groups: bool) -> None:
+    model = tiny_model(kind)
     tokens = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         before = model(tokens).logits
@@ -151,10 +138,9 @@ def test_wikitext2_and_text_file_calibration(data_dir: Path, tmp_path: Path) -> 
     assert cal2.tokens.shape == (2, 16) and "fox" in tok.decode(cal2.tokens[0]) + tok.decode(cal2.tokens[1])
 
 
-def test_self_generated_calibration_samples_from_the_model() -> None:
+def test_self_generated_calibration_samples_from_the_model(tiny_model: Callable[..., Any]) -> None:
     tok = _smollm2_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**SMALL, "vocab_size": len(tok), "hidden_size": 32})).eval()
+    model = tiny_model(vocab_size=len(tok), hidden_size=32)
     cfg = CalibrationConfig(source="self_generated", n_samples=3, seq_len=12, seed=5)
     cal = build_calibration(cfg, tok, model=model)
     assert cal.tokens.shape == (3, 12)
@@ -173,9 +159,9 @@ def test_perplexity_of_a_uniform_model_is_the_vocab_size() -> None:
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_captured_inputs_and_kwargs_reproduce_the_model(kind: str) -> None:
+def test_captured_inputs_and_kwargs_reproduce_the_model(tiny_model: Callable[..., Any], kind: str) -> None:
     """Running the blocks one by one on the captured inputs and kwargs (causal mask, rotary) is exact."""
-    model = _tiny(kind)
+    model = tiny_model(kind)
     tokens = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = model(tokens, output_hidden_states=True).hidden_states[-1]

@@ -108,5 +108,5 @@ def test_gptq_quantizer_uses_config_options() -> None:
     quantizer = make_quantizer(cfg)
     assert quantizer.true_sequential is True
     w, x = _weight(), _correlated_inputs()
-    r = quantizer.quantize(w, LayerStats(x @ x.T, x.shape[1]))
+    r = quantizer.quantize(w, LayerStats(x.shape[1], xtx=x @ x.T), "mlp.down_proj")
     assert r.g_idx is None and r.loss is not None and r.loss > 0

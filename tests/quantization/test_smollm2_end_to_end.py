@@ -11,7 +11,7 @@ import torch
 from quantsafe.models import ResolvedModel, load_model, resolve_model
 from quantsafe.quantization import QuantConfig, QuantizedArtifact, load_quantized, quantize_variant
 from quantsafe.quantization.artifact import MANIFEST_FILE, read_manifest
-from quantsafe.quantization.base import layer_storage_bits
+from quantsafe.quantization.uniform import layer_storage_bits
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def test_gptq8_artifact_manifest(gptq8: QuantizedArtifact, smollm2: ResolvedMode
     assert on_disk.calibration is not None and on_disk.calibration["n_samples"] == 4
     assert len(on_disk.calibration["token_sha256"]) == 64
     assert len(on_disk.layers) == 30 * 7 and "lm_head" not in " ".join(on_disk.layers)
-    assert all(rec.loss is not None and not rec.g_idx for rec in on_disk.layers.values())  # static groups
+    assert all(rec.loss is not None and not rec.meta["g_idx"] for rec in on_disk.layers.values())  # static groups
     # bpw: 8-bit codes + (16-bit scale + 8-bit zero) per group of 64
     expected = sum(layer_storage_bits(*r.shape, 8, 64, False, False) for r in on_disk.layers.values())
     assert on_disk.bits_per_weight == pytest.approx(expected / on_disk.n_quantized_weights) == 8.375

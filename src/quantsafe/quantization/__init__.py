@@ -10,27 +10,31 @@ from quantsafe.quantization.artifact import (
 )
 from quantsafe.quantization.base import (
     LayerStats,
+    QuantizedLayer,
     Quantizer,
-    QuantResult,
     get_quantizer_class,
     known_methods,
-    layer_storage_bits,
     make_quantizer,
+    register_layer_format,
     register_quantizer,
 )
 from quantsafe.quantization.calibration import CalibrationSet, build_calibration
 from quantsafe.quantization.config import CalibrationConfig, QuantConfig
 from quantsafe.quantization.perplexity import PerplexityResult, perplexity, wikitext2_perplexity
+from quantsafe.quantization.sequential import BlockContext
+from quantsafe.quantization.uniform import UniformLayer, layer_storage_bits
 
 __all__ = [
+    "BlockContext",
     "CalibrationConfig",
     "CalibrationSet",
     "LayerStats",
     "PerplexityResult",
     "QuantConfig",
-    "QuantResult",
     "QuantizedArtifact",
+    "QuantizedLayer",
     "Quantizer",
+    "UniformLayer",
     "build_calibration",
     "effective_bits_per_weight",
     "get_quantizer_class",
@@ -40,6 +44,7 @@ __all__ = [
     "make_quantizer",
     "perplexity",
     "quantize_variant",
+    "register_layer_format",
     "register_quantizer",
     "wikitext2_perplexity",
 ]

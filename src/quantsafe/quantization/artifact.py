@@ -1,11 +1,12 @@
 """Quantized artifacts on disk: packed codes + fp16 scales in safetensors, a typed manifest, atomic writes.
 
 Layout of `<out_root>/<model>-<method>-w<bits>[g<size>]-<artifact_id>/`:
-- `model.safetensors`: for each quantized Linear `<name>.qweight` (bit-packed uint8 codes), `<name>.scales`
-  (fp16 [rows, groups]), `<name>.qzeros` (bit-packed zeros, asymmetric only), `<name>.g_idx` (int32, act-order
-  only); every other tensor (embeddings, norms, lm_head, biases) in bf16.
+- `model.safetensors`: for each quantized Linear the tensors of its storage format as `<name>.<suffix>` (uniform
+  grids: `qweight` bit-packed codes, `scales` fp16, `qzeros` bit-packed zeros, `g_idx` int32; other formats
+  their codes, codebooks, sign vectors, outlier columns); every other tensor (embeddings, norms, lm_head, biases)
+  in bf16, including those a method changed (AWQ folds its scales into norms).
 - `config.json`, `generation_config.json`, tokenizer files: the base model's, unchanged.
-- `quant_config.json`: the `QuantizedArtifact` manifest (config, provenance, per-layer shapes, losses, bpw).
+- `quant_config.json`: the `QuantizedArtifact` manifest (config, provenance, per-layer format, shapes, losses, bpw).
 The directory appears only by an atomic rename of a finished temporary one: a killed run leaves no artifact.
 """
 
@@ -20,38 +21,47 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from quantsafe.errors import QuantsafeError
 from quantsafe.hashing import stable_hash
 from quantsafe.models import ResolvedModel, load_model
 from quantsafe.models.dtype import dtype_name
-from quantsafe.quantization.base import QuantResult, get_quantizer_class, make_quantizer
+from quantsafe.quantization.base import QuantizedLayer, get_quantizer_class, layer_format, make_quantizer
 from quantsafe.quantization.calibration import build_calibration
 from quantsafe.quantization.config import QuantConfig
-from quantsafe.quantization.packing import pack_codes, unpack_codes
-from quantsafe.quantization.sequential import Progress, quantize_decoder_blocks
+from quantsafe.quantization.sequential import Progress
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "quant_config.json"
 SCOPE = (
     "every nn.Linear inside the decoder blocks (attention and MLP projections); embeddings, norms, lm_head "
-    "and biases stay bf16. bits_per_weight counts codes + fp16 scales + zeros + g_idx over the quantized "
-    "Linears only."
+    "and biases stay bf16. bits_per_weight counts everything a layer stores (codes, codebooks, scales, zeros, "
+    "g_idx, outlier columns, sign vectors) over the quantized Linears only."
 )
 
 
 class LayerRecord(BaseModel):
-    """How one Linear was stored, and the method's loss on it."""
+    """How one Linear was stored (its format, the format's own fields, its tensors), and the method's loss."""
 
     shape: tuple[int, int]
-    bits: int
-    group_size: int | None
-    sym: bool
-    g_idx: bool
+    format: str
+    meta: dict[str, Any]
+    tensors: list[str]  # suffixes of `<name>.<suffix>` in the weights file
     storage_bits: int
     loss: float | None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _schema_1(cls, data: Any) -> Any:
+        """Schema-1 manifests knew only uniform grids and recorded their fields flat."""
+        if isinstance(data, dict) and "format" not in data and "bits" in data:
+            meta = {k: data[k] for k in ("bits", "group_size", "sym", "g_idx")}
+            tensors = ["qweight", "scales"] + ([] if meta["sym"] else ["qzeros"]) + (["g_idx"] if meta["g_idx"] else [])
+            return {"shape": data["shape"], "format": "uniform", "meta": meta, "tensors": tensors,
+                    "storage_bits": data["storage_bits"], "loss": data.get("loss")}
+        return data
 
 
 class QuantizedArtifact(BaseModel):
@@ -77,8 +87,8 @@ class QuantizedArtifact(BaseModel):
     reused: bool = Field(False, exclude=True)
 
 
-def effective_bits_per_weight(results: dict[str, QuantResult]) -> float:
-    """Stored bits (codes + scales + zeros + g_idx) per weight, quantized Linears only (algorithms.md §8)."""
+def effective_bits_per_weight(results: dict[str, QuantizedLayer]) -> float:
+    """Stored bits (everything each layer stores) per weight, quantized Linears only (algorithms.md §8)."""
     weights = sum(r.shape[0] * r.shape[1] for r in results.values())
     return sum(r.storage_bits() for r in results.values()) / weights if weights else 0.0
 
@@ -164,9 +174,7 @@ def quantize_variant(
 
     torch.manual_seed(config.seed)
     quantizer = make_quantizer(config)
-    results = quantize_decoder_blocks(
-        model, quantizer, calibration.tokens if calibration else None, batch_size, progress
-    )
+    results = quantizer.quantize_model(model, calibration.tokens if calibration else None, batch_size, progress)
     artifact = QuantizedArtifact(
         artifact_id=artifact_id,
         config=config,
@@ -185,27 +193,17 @@ def quantize_variant(
     return _write_atomically(final, model, tokenizer, results, artifact, start)
 
 
-def _layer_record(r: QuantResult) -> LayerRecord:
-    return LayerRecord(
-        shape=r.shape,
-        bits=r.bits,
-        group_size=r.group_size,
-        sym=r.zeros is None,
-        g_idx=r.g_idx is not None,
-        storage_bits=r.storage_bits(),
-        loss=r.loss,
-    )
+def _layer_record(r: QuantizedLayer) -> LayerRecord:
+    return LayerRecord(shape=r.shape, format=r.format, meta=r.meta(), tensors=sorted(r.to_tensors()),
+                       storage_bits=r.storage_bits(), loss=r.loss)
 
 
-def _tensors_to_save(model: Any, results: dict[str, QuantResult]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _tensors_to_save(model: Any, results: dict[str, QuantizedLayer],
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors: dict[str, torch.Tensor] = {}
     for name, r in results.items():
-        tensors[f"{name}.qweight"] = pack_codes(r.codes, r.bits)
-        tensors[f"{name}.scales"] = r.scales.contiguous()
-        if r.zeros is not None:
-            tensors[f"{name}.qzeros"] = pack_codes(r.zeros, r.bits)
-        if r.g_idx is not None:
-            tensors[f"{name}.g_idx"] = r.g_idx.contiguous()
+        for suffix, t in r.to_tensors().items():
+            tensors[f"{name}.{suffix}"] = t.detach().cpu().contiguous()
     quantized = {f"{name}.weight" for name in results}
     aliases: dict[str, str] = {}
     stored_by_ptr: dict[int, str] = {}
@@ -217,7 +215,7 @@ def _tensors_to_save(model: Any, results: dict[str, QuantResult]) -> tuple[dict[
             aliases[key] = stored_by_ptr[ptr]
             continue
         stored_by_ptr[ptr] = key
-        tensors[key] = (value.to(torch.bfloat16) if value.is_floating_point() else value).contiguous()
+        tensors[key] = (value.to(torch.bfloat16) if value.is_floating_point() else value).cpu().contiguous()
     return tensors, aliases
 
 
@@ -225,7 +223,7 @@ def _write_atomically(
     final: Path,
     model: Any,
     tokenizer: Any,
-    results: dict[str, QuantResult],
+    results: dict[str, QuantizedLayer],
     artifact: QuantizedArtifact,
     start: float,
 ) -> QuantizedArtifact:
@@ -271,15 +269,7 @@ def load_quantized(path: Path | str, *, dtype: torch.dtype = torch.bfloat16) -> 
     stored = load_file(str(path / WEIGHTS_FILE))
     state: dict[str, torch.Tensor] = {}
     for name, rec in artifact.layers.items():
-        result = QuantResult(
-            codes=unpack_codes(stored.pop(f"{name}.qweight"), rec.bits, rec.shape),
-            scales=stored.pop(f"{name}.scales"),
-            zeros=None if rec.sym else unpack_codes(stored.pop(f"{name}.qzeros"), rec.bits, _groups_shape(rec)),
-            bits=rec.bits,
-            group_size=rec.group_size,
-            g_idx=stored.pop(f"{name}.g_idx") if rec.g_idx else None,
-        )
-        state[f"{name}.weight"] = result.dequantize(dtype)
+        state[f"{name}.weight"] = read_layer(stored, name, rec).dequantize(dtype)
     state |= stored
     for alias, target in artifact.aliases.items():
         state[alias] = state[target]
@@ -303,6 +293,12 @@ def _skip_init() -> AbstractContextManager[Any]:
     return no_init_weights()
 
 
-def _groups_shape(rec: LayerRecord) -> tuple[int, int]:
-    rows, cols = rec.shape
-    return (rows, 1 if rec.group_size is None else -(-cols // rec.group_size))
+def read_layer(stored: dict[str, torch.Tensor], name: str, rec: LayerRecord) -> QuantizedLayer:
+    """Rebuild the storage form of Linear `name` from the loaded weights file (its tensors are popped)."""
+    try:
+        tensors = {suffix: stored.pop(f"{name}.{suffix}") for suffix in rec.tensors}
+    except KeyError as exc:
+        raise QuantsafeError(f"{name}: tensor {exc.args[0]} missing from {WEIGHTS_FILE}") from None
+    layer = layer_format(rec.format).from_tensors(rec.shape, tensors, rec.meta)
+    layer.loss = rec.loss
+    return layer

@@ -1,16 +1,18 @@
-"""The quantizer contract, the per-Linear result it returns, and the name → class registry.
+"""The quantizer contract: a method's storage form of one Linear, the input statistics it may ask for, and the
+name → class registries of methods and storage formats.
 
-A method is one module that defines a `Quantizer` subclass decorated with `@register_quantizer("name")`; the
+A method is one module that defines a `Quantizer` subclass decorated with `@register_quantizer("name")` and, if
+its storage form is new, a `QuantizedLayer` subclass decorated with `@register_layer_format("format")`; the
 sequential pipeline, artifact format and CLI need no change to gain it.
 """
 
 from __future__ import annotations
 
-import math
+import fnmatch
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -18,80 +20,75 @@ from pydantic import BaseModel, ConfigDict
 from quantsafe.errors import QuantsafeError
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from quantsafe.quantization.config import QuantConfig
+    from quantsafe.quantization.sequential import BlockContext, Progress
 
-SCALE_BITS = 16  # scales are stored as fp16
-G_IDX_BITS = 32  # act-order group index, int32 per input column
-
-
-def layer_storage_bits(rows: int, cols: int, bits: int, group_size: int | None, sym: bool, g_idx: bool) -> int:
-    """Bits stored for one quantized matrix: codes + fp16 scales + b-bit zeros (asymmetric) + int32 g_idx.
-
-    This is the accounting of algorithms.md §8; biases are not counted (they stay bf16, like in the papers).
-    """
-    groups = 1 if group_size is None else math.ceil(cols / group_size)
-    total = rows * cols * bits + rows * groups * SCALE_BITS
-    if not sym:
-        total += rows * groups * bits
-    if g_idx:
-        total += cols * G_IDX_BITS
-    return total
+Stat = Literal["xtx", "abs_mean", "abs_max"]
+InputsFrom = Literal["quantized", "fp"]
 
 
-@dataclass
-class QuantResult:
-    """One quantized Linear weight [rows, cols] in storage form.
+class QuantizedLayer(ABC):
+    """One Linear weight [rows, cols] in a method's storage form.
 
-    Dequantized weight: W[r, c] = scales[r, g(c)] · (codes[r, c] − zeros[r, g(c)]), where g(c) is `g_idx[c]`
-    when act-order permuted the grouping and c // group_size otherwise. Codes keep the original column order.
+    Every format can rebuild the dense weight exactly (all methods here are weight-only), count the bits it
+    takes on disk, and turn itself into named tensors plus a small JSON record and back, bit-exactly.
+    Tensors live on the device they were computed on; the artifact writer moves them to the CPU.
     """
 
-    codes: torch.Tensor  # uint8 [rows, cols], values in [0, 2^bits − 1]
-    scales: torch.Tensor  # fp16 [rows, groups]
-    zeros: torch.Tensor | None  # uint8 [rows, groups]; None when symmetric (zero fixed at 2^(bits−1))
-    bits: int
-    group_size: int | None  # None = one group per row
-    g_idx: torch.Tensor | None = None  # int32 [cols]; only when act-order reorders groups
-    loss: float | None = None  # the method's own proxy loss (GPTQ: Σ (w − q)² / [H⁻¹]_ii² / 2)
+    format: ClassVar[str]
+    loss: float | None = None  # the method's own proxy loss, when it has one
 
     @property
+    @abstractmethod
     def shape(self) -> tuple[int, int]:
-        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
+        """(rows, cols) of the dense weight."""
 
-    def group_index(self) -> torch.Tensor:
-        """Group of every input column (int64 [cols])."""
-        cols = self.shape[1]
-        if self.g_idx is not None:
-            return self.g_idx.long()
-        if self.group_size is None:
-            return torch.zeros(cols, dtype=torch.long)
-        return torch.arange(cols) // self.group_size
-
-    def zero_points(self) -> torch.Tensor:
-        """Zero points as float [rows, groups], including the implied symmetric one."""
-        if self.zeros is not None:
-            return self.zeros.float()
-        return torch.full(self.scales.shape, float(2 ** (self.bits - 1)))
-
+    @abstractmethod
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight the model will actually use."""
-        idx = self.group_index()
-        scale = self.scales.float()[:, idx]
-        zero = self.zero_points()[:, idx]
-        return (scale * (self.codes.float() - zero)).to(dtype)
+        """The dense weight the model will actually use, on the layer's device."""
 
+    @abstractmethod
     def storage_bits(self) -> int:
-        """Bits this result takes on disk (see `layer_storage_bits`)."""
-        rows, cols = self.shape
-        return layer_storage_bits(rows, cols, self.bits, self.group_size, self.zeros is None, self.g_idx is not None)
+        """Exact bits on disk: codes, codebooks, scales, zeros, outliers, indices (biases excluded, §8)."""
+
+    @abstractmethod
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors to store, by suffix (`<linear name>.<suffix>` in the safetensors file)."""
+
+    @abstractmethod
+    def meta(self) -> dict[str, Any]:
+        """JSON-able fields that `from_tensors` needs besides the tensors and the shape."""
+
+    @classmethod
+    @abstractmethod
+    def from_tensors(cls, shape: tuple[int, int], tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                     ) -> QuantizedLayer:
+        """Inverse of `to_tensors` + `meta`."""
 
 
 @dataclass
 class LayerStats:
-    """What calibration gathered about one Linear's inputs: the running sum of x xᵀ over `n_tokens` tokens."""
+    """What calibration gathered about one Linear's inputs over `n_tokens` tokens; a field is None unless the
+    quantizer asked for it (`Quantizer.stats`). All fp32, on the model's device."""
 
-    xtx: torch.Tensor  # fp32 [cols, cols]
     n_tokens: int
+    xtx: torch.Tensor | None = None  # Σ x xᵀ [cols, cols]
+    abs_sum: torch.Tensor | None = None  # Σ |x| per input channel [cols]
+    abs_max: torch.Tensor | None = None  # max |x| per input channel [cols]
+
+    def hessian(self) -> torch.Tensor:
+        """The proxy Hessian E[x xᵀ] (mean not removed)."""
+        if self.xtx is None:
+            raise QuantsafeError("the quantizer did not ask for x xᵀ statistics")
+        return self.xtx / max(self.n_tokens, 1)
+
+    def abs_mean(self) -> torch.Tensor:
+        """mean |x| per input channel (AWQ's activation scale)."""
+        if self.abs_sum is None:
+            raise QuantsafeError("the quantizer did not ask for mean |x| statistics")
+        return self.abs_sum / max(self.n_tokens, 1)
 
 
 class NoOptions(BaseModel):
@@ -101,17 +98,20 @@ class NoOptions(BaseModel):
 
 
 class Quantizer(ABC):
-    """Quantizes one Linear weight at a time.
+    """Quantizes the Linears of a model, by default one decoder block at a time.
 
-    `needs_calibration` methods receive the Linear's `LayerStats` from the sequential pipeline;
-    `true_sequential` asks the pipeline to recompute those statistics after each group of Linears that share
-    an input. `version` is part of every artifact id: raise it with any change that alters a method's output
-    (a bug fix included), so artifacts made by the old code are never silently reused.
+    The sequential pipeline calls `quantize_block` for each block; its default gathers the `stats` this method
+    asks for per input-sharing group of Linears and calls `quantize` per Linear. Block-level methods (AWQ's scale
+    search, AQLM's block fine-tuning) override `quantize_block`; whole-model methods (QAT) override
+    `quantize_model`. `inputs_from` says whether the next block's inputs come from this block quantized (GPTQ)
+    or in full precision (AWQ). `version` is part of every artifact id: raise it with any change that alters a
+    method's output (a bug fix included), so artifacts made by the old code are never silently reused.
     """
 
     name: ClassVar[str]
     version: ClassVar[int]
     needs_calibration: ClassVar[bool] = False
+    stats: ClassVar[frozenset[Stat]] = frozenset()
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     def __init__(self, config: QuantConfig) -> None:
@@ -121,13 +121,39 @@ class Quantizer(ABC):
     def true_sequential(self) -> bool:
         return False
 
+    @property
+    def inputs_from(self) -> InputsFrom:
+        return "quantized"
+
+    def bits_for(self, name: str) -> int:
+        """Bit width of the Linear `name` (relative to its block, e.g. "mlp.down_proj"): the first matching
+        `layer_bits` pattern of the config, else `bits`."""
+        for pattern, bits in self.config.layer_bits.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return bits
+        return self.config.bits
+
     @abstractmethod
-    def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> QuantResult:
-        """Quantize `weight` [rows, cols] (any float dtype); never modifies it."""
+    def quantize(self, weight: torch.Tensor, stats: LayerStats | None, name: str) -> QuantizedLayer:
+        """Quantize `weight` [rows, cols] (any float dtype, any device) of the Linear `name`; never modifies it."""
+
+    def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedLayer]:
+        """Quantize one decoder block in place; returns storage forms by name relative to the block."""
+        return ctx.quantize_linears(self)
+
+    def quantize_model(self, model: nn.Module, tokens: torch.Tensor | None, batch_size: int = 8,
+                       progress: Progress | None = None) -> dict[str, QuantizedLayer]:
+        """Quantize every Linear of the decoder blocks in place (weights become their dequantized values);
+        storage forms by full module name."""
+        from quantsafe.quantization.sequential import quantize_decoder_blocks
+
+        return quantize_decoder_blocks(model, self, tokens, batch_size, progress)
 
 
 _REGISTRY: dict[str, type[Quantizer]] = {}
+_FORMATS: dict[str, type[QuantizedLayer]] = {}
 Q = TypeVar("Q", bound=type[Quantizer])
+L = TypeVar("L", bound=type[QuantizedLayer])
 
 
 def register_quantizer(name: str) -> Callable[[Q], Q]:
@@ -143,6 +169,27 @@ def register_quantizer(name: str) -> Callable[[Q], Q]:
         return cls
 
     return wrap
+
+
+def register_layer_format(name: str) -> Callable[[L], L]:
+    """Class decorator that lets artifacts store and load a `QuantizedLayer` subclass under `name`."""
+
+    def wrap(cls: L) -> L:
+        if name in _FORMATS and _FORMATS[name] is not cls:
+            raise ValueError(f"layer format '{name}' is already registered")
+        cls.format = name
+        _FORMATS[name] = cls
+        return cls
+
+    return wrap
+
+
+def layer_format(name: str) -> type[QuantizedLayer]:
+    """The storage class registered as `name`."""
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise QuantsafeError(f"unknown layer format '{name}'; known: {', '.join(sorted(_FORMATS))}") from None
 
 
 def known_methods() -> list[str]:

@@ -52,9 +52,11 @@ class QuantConfig(BaseModel):
         sym: false
         options: {damp_percent: 0.01, act_order: true, block_size: 128, true_sequential: true}
         calibration: {source: wikitext2, n_samples: 128, seq_len: 512}
+        layer_bits: {mlp.down_proj: 8}   # optional: other widths for Linears matching a pattern
 
     `options` is validated (and filled with defaults) by the method's own options model, so two configs that
-    mean the same thing hash to the same artifact ID.
+    mean the same thing hash to the same artifact ID. `layer_bits` patterns (fnmatch) match a Linear's name
+    inside its decoder block; the first match wins.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -66,6 +68,7 @@ class QuantConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     calibration: CalibrationConfig | None = None
     seed: int = 0
+    layer_bits: dict[str, int] = Field(default_factory=dict)
 
     @field_validator("bits")
     @classmethod
@@ -73,6 +76,19 @@ class QuantConfig(BaseModel):
         if not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
         return bits
+
+    @field_validator("layer_bits")
+    @classmethod
+    def _layer_bits_in_range(cls, layer_bits: dict[str, int]) -> dict[str, int]:
+        for pattern, bits in layer_bits.items():
+            if not MIN_BITS <= bits <= MAX_BITS:
+                raise ValueError(f"layer_bits['{pattern}'] must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
+        return layer_bits
+
+    def __repr_args__(self) -> Any:
+        """Artifact ids hash this repr (nested in a dict): without per-layer widths it stays as before the
+        field existed, so existing artifacts keep their ids."""
+        return [(k, v) for k, v in super().__repr_args__() if k != "layer_bits" or v]
 
     @model_validator(mode="after")
     def _known_method_and_options(self) -> QuantConfig:

@@ -12,8 +12,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantsafe.errors import QuantsafeError
-from quantsafe.quantization.base import LayerStats, Quantizer, QuantResult, register_quantizer
-from quantsafe.quantization.uniform import fit_grid
+from quantsafe.quantization.base import LayerStats, Quantizer, register_quantizer
+from quantsafe.quantization.uniform import UniformLayer, fit_grid
 
 if TYPE_CHECKING:
     from quantsafe.quantization.config import QuantConfig
@@ -54,7 +54,7 @@ def _upper_inverse_cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tenso
     """Upper factor U with H⁻¹ = UᵀU of the dampened H; raise the dampening ×10 while factorisation fails."""
     n = h.shape[0]
     damp = damp_percent * torch.mean(torch.diag(h)).item()
-    eye = torch.eye(n, dtype=h.dtype)
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
     for _ in range(DAMP_RETRIES):
         lower, info = torch.linalg.cholesky_ex(h + damp * eye)
         if info.item() == 0:
@@ -95,7 +95,7 @@ def gptq_quantize(
     group_size: int | None,
     sym: bool,
     options: GPTQOptions,
-) -> QuantResult:
+) -> UniformLayer:
     """Quantize `weight` [rows, cols] against the proxy Hessian [cols, cols] (any positive scale).
 
     Groups are fitted when their first column is reached, on the columns as already updated by earlier
@@ -117,27 +117,29 @@ def _gptq(
     sym: bool,
     block_size: int,
     static_groups: bool,
-) -> QuantResult:
+) -> UniformLayer:
     w = weight.detach().float().clone()
     rows, cols = w.shape
     w[:, prepared.dead] = 0
     perm, u = prepared.perm, prepared.u
     g = cols if group_size is None else group_size
     n_groups = -(-cols // g)
-    scales = torch.empty(rows, n_groups)
-    zeros = torch.empty(rows, n_groups)
-    static_t: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    dev = w.device
+    scales = torch.empty(rows, n_groups, device=dev)
+    zeros = torch.empty(rows, n_groups, device=dev)
+    static_t: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
     if static_groups:
         for k in range(n_groups):
             scales[:, k], zeros[:, k] = fit_grid(w[:, k * g : (k + 1) * g], bits, sym)
-        order = perm if perm is not None else torch.arange(cols)
+        order = perm if perm is not None else torch.arange(cols, device=dev)
         # per processed column: its original group; scales/zeros transposed so a group's row is contiguous
-        static_t = (order // g, scales.T.contiguous(), zeros.T.contiguous())
+        static_t = ((order // g).tolist(), scales.T.contiguous(), zeros.T.contiguous())
     if perm is not None:
         w = w[:, perm]
     block = max(1, block_size // g) * g if group_size is not None and not static_groups else block_size
-    codes_t = torch.empty(cols, rows)  # transposed buffers: row writes are contiguous, column writes are slow
-    loss = torch.zeros(rows)
+    # transposed buffers: row writes are contiguous, column writes are slow
+    codes_t = torch.empty(cols, rows, device=dev)
+    loss = torch.zeros(rows, device=dev)
     maxq = 2**bits - 1
     if group_size is None:
         scale, zero = fit_grid(w, bits, sym)
@@ -146,12 +148,12 @@ def _gptq(
     for start in range(0, cols, block):
         end = min(start + block, cols)
         w_blk = w[:, start:end].clone()
-        err_t = torch.empty(end - start, rows)
+        err_t = torch.empty(end - start, rows, device=dev)
         u_blk = u[start:end, start:end]
         for i in range(end - start):
             col = start + i
             if static_t is not None:
-                group = int(static_t[0][col])
+                group = static_t[0][col]
                 scale, zero = static_t[1][group], static_t[2][group]
             elif group_size is not None and col % g == 0:
                 scale, zero = fit_grid(w_blk[:, i : i + g], bits, sym)
@@ -173,8 +175,8 @@ def _gptq(
         inv = torch.argsort(perm)
         codes = codes[:, inv]
         if group_size is not None and not static_groups:
-            g_idx = (torch.arange(cols) // g)[inv].to(torch.int32)
-    return QuantResult(
+            g_idx = (torch.arange(cols, device=dev) // g)[inv].to(torch.int32)
+    return UniformLayer(
         codes=codes.to(torch.uint8),
         scales=scales.half(),
         zeros=None if sym else zeros.to(torch.uint8),
@@ -201,6 +203,7 @@ class GPTQQuantizer(Quantizer):
 
     version = 1
     needs_calibration = True
+    stats = frozenset({"xtx"})
     Options = GPTQOptions
 
     def __init__(self, config: QuantConfig) -> None:
@@ -212,12 +215,14 @@ class GPTQQuantizer(Quantizer):
     def true_sequential(self) -> bool:
         return self.options.true_sequential
 
-    def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> QuantResult:
+    def quantize(self, weight: torch.Tensor, stats: LayerStats | None, name: str) -> UniformLayer:
         if stats is None:
             raise QuantsafeError("GPTQ needs calibration statistics (the layer's input Hessian)")
         # The pipeline hands Linears that share an input the same LayerStats object: factor H once for them.
         if self._prepared is None or self._prepared[0] is not stats:
+            if stats.xtx is None:
+                raise QuantsafeError("GPTQ needs the layer's x xᵀ statistics")
             self._prepared = (stats, prepare_hessian(stats.xtx, self.options))
         return gptq_quantize(
-            weight, self._prepared[1], self.config.bits, self.config.group_size, self.config.sym, self.options
+            weight, self._prepared[1], self.bits_for(name), self.config.group_size, self.config.sym, self.options
         )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from quantsafe.quantization.base import LayerStats, Quantizer, QuantResult, register_quantizer
-from quantsafe.quantization.uniform import fit_grid, quantize_to_codes
+from quantsafe.quantization.base import LayerStats, Quantizer, register_quantizer
+from quantsafe.quantization.uniform import UniformLayer, fit_grid, quantize_to_codes
 
 
-def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None, sym: bool) -> QuantResult:
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None, sym: bool) -> UniformLayer:
     """Fit a min-max grid per (row, group of `group_size` consecutive columns); round every weight to it."""
     w = weight.detach().float()
     rows, cols = w.shape
@@ -20,7 +20,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None, sym: b
     grouped = w.reshape(rows * n_groups, g)
     scale, zero = fit_grid(grouped, bits, sym)
     codes = quantize_to_codes(grouped, scale, zero, bits).reshape(rows, n_groups * g)[:, :cols]
-    return QuantResult(
+    return UniformLayer(
         codes=codes.to(torch.uint8),
         scales=scale.reshape(rows, n_groups).half(),
         zeros=None if sym else zero.reshape(rows, n_groups).to(torch.uint8),
@@ -42,5 +42,5 @@ class RTNQuantizer(Quantizer):
 
     version = 1
 
-    def quantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> QuantResult:
-        return rtn_quantize(weight, self.config.bits, self.config.group_size, self.config.sym)
+    def quantize(self, weight: torch.Tensor, stats: LayerStats | None, name: str) -> UniformLayer:
+        return rtn_quantize(weight, self.bits_for(name), self.config.group_size, self.config.sym)
