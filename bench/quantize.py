@@ -204,7 +204,7 @@ def _save(path: Path, doc: dict[str, Any]) -> None:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    from quantsafe.quantization.gptq import GPTQOptions
+    from quantsafe.quantization.methods.gptq import GPTQOptions
 
     return {
         "group_size": args.group_size,

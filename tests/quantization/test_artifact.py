@@ -14,8 +14,8 @@ from quantsafe.models import ResolvedModel, resolve_model
 from quantsafe.quantization import QuantConfig, QuantizedArtifact, load_quantized, quantize_variant
 from quantsafe.quantization.artifact import MANIFEST_FILE, compute_artifact_id, read_manifest
 from quantsafe.quantization.base import Quantizer, register_quantizer
-from quantsafe.quantization.gptq import GPTQQuantizer
-from quantsafe.quantization.rtn import RTNQuantizer
+from quantsafe.quantization.methods.gptq import GPTQQuantizer
+from quantsafe.quantization.methods.rtn import RTNQuantizer
 
 BASE = "0" * 64
 RTN4 = QuantConfig(method="rtn", bits=4, group_size=32)

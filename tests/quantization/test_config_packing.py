@@ -9,8 +9,8 @@ from pydantic import ValidationError
 from quantsafe.errors import QuantsafeError
 from quantsafe.hashing import stable_hash
 from quantsafe.quantization import QuantConfig, effective_bits_per_weight, known_methods, layer_storage_bits
+from quantsafe.quantization.methods.rtn import rtn_quantize
 from quantsafe.quantization.packing import pack_codes, packed_size, unpack_codes
-from quantsafe.quantization.rtn import rtn_quantize
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])

@@ -11,8 +11,8 @@ import torch
 from quantsafe.quantization import QuantConfig, make_quantizer
 from quantsafe.quantization.artifact import LayerRecord, compute_artifact_id
 from quantsafe.quantization.base import LayerStats, QuantizedLayer, Quantizer
-from quantsafe.quantization.gptq import GPTQOptions, gptq_quantize
-from quantsafe.quantization.rtn import rtn_quantize
+from quantsafe.quantization.methods.gptq import GPTQOptions, gptq_quantize
+from quantsafe.quantization.methods.rtn import rtn_quantize
 from quantsafe.quantization.sequential import BlockContext, capture_block_inputs, quantize_decoder_blocks
 
 

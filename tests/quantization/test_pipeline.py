@@ -19,7 +19,7 @@ from quantsafe.quantization import (
 )
 from quantsafe.quantization.base import LayerStats, Quantizer
 from quantsafe.quantization.calibration import random_windows, token_sha256
-from quantsafe.quantization.rtn import rtn_quantize
+from quantsafe.quantization.methods.rtn import rtn_quantize
 from quantsafe.quantization.sequential import BlockContext, capture_block_inputs, quantize_decoder_blocks
 from quantsafe.quantization.uniform import UniformLayer
 

@@ -7,8 +7,8 @@ import torch
 
 from quantsafe.quantization import QuantConfig, make_quantizer
 from quantsafe.quantization.base import LayerStats
-from quantsafe.quantization.gptq import GPTQOptions, gptq_quantize
-from quantsafe.quantization.rtn import rtn_quantize
+from quantsafe.quantization.methods.gptq import GPTQOptions, gptq_quantize
+from quantsafe.quantization.methods.rtn import rtn_quantize
 
 
 def _weight(rows: int = 32, cols: int = 256, seed: int = 0) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """Weight quantization: configs as data, one module per method, sequential calibration, artifacts."""
 
-from quantsafe.quantization import gptq as _gptq  # noqa: F401  (registers "gptq")
-from quantsafe.quantization import rtn as _rtn  # noqa: F401  (registers "rtn")
+from quantsafe.quantization import methods as _methods  # noqa: F401  (registers every method)
 from quantsafe.quantization.artifact import (
     QuantizedArtifact,
     effective_bits_per_weight,
