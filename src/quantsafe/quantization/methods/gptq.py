@@ -3,7 +3,7 @@ not-yet-quantized columns through the inverse Hessian of the layer inputs (algor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -104,9 +104,59 @@ def gptq_quantize(
     With `options.static_groups` the groups are fitted up front on the original contiguous columns instead.
     """
     prepared = hessian if isinstance(hessian, PreparedHessian) else prepare_hessian(hessian, options)
+    static = options.static_groups and group_size is not None
+    return _gptq(weight, prepared, bits, group_size, sym, options.block_size, static)
+
+
+GridAt = Callable[[int, torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor] | None"]
+"""(processed column, the current lazy block, the column's index in it) → the per-row (scale, zero) from this
+column on, or None to keep the current one; called once per column, first for column 0."""
+
+
+def fixed_grid(scale: torch.Tensor, zero: torch.Tensor) -> GridAt:
+    """One per-row grid for every column (no groups)."""
+    return lambda col, w_blk, i: (scale, zero) if col == 0 else None
+
+
+def gptq_columns(
+    w: torch.Tensor, u: torch.Tensor, bits: int, block_size: int, grid_at: GridAt, stop: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's lazy-batch column loop over `w` [rows, cols] (fp32, already in processing order; updated in place)
+    with the upper factor `u` of H⁻¹ in the same order; codes are clamp(round(w/scale) + zero, 0, 2^bits − 1).
+
+    Quantizes the first `stop` columns (all by default) and returns their codes, transposed [stop, rows], and
+    the per-row loss Σ (w − q)² / U_ii² / 2. Afterwards w[:, stop:] holds the remaining columns with every
+    error update applied (QUIK keeps them in 16 bits).
+    """
+    rows, cols = w.shape
+    stop = cols if stop is None else stop
+    dev = w.device
+    # transposed buffers: row writes are contiguous, column writes are slow
+    codes_t = torch.empty(stop, rows, device=dev)
+    loss = torch.zeros(rows, device=dev)
+    maxq = 2**bits - 1
     with _one_thread():
-        static = options.static_groups and group_size is not None
-        return _gptq(weight, prepared, bits, group_size, sym, options.block_size, static)
+        for start in range(0, stop, block_size):
+            end = min(start + block_size, stop)
+            w_blk = w[:, start:end].clone()
+            err_t = torch.empty(end - start, rows, device=dev)
+            u_blk = u[start:end, start:end]
+            for i in range(end - start):
+                col = start + i
+                grid = grid_at(col, w_blk, i)
+                if grid is not None:
+                    scale, zero = grid
+                # a contiguous copy: elementwise ops on a strided column are ~1000x slower on CPU; in-place after
+                wc = w_blk[:, i].contiguous()
+                q = torch.round(wc / scale).add_(zero).clamp_(0, maxq)
+                codes_t[col] = q
+                err = wc.sub_((q - zero).mul_(scale)).div_(u_blk[i, i])
+                w_blk[:, i + 1 :].addmm_(err[:, None], u_blk[i : i + 1, i + 1 :], alpha=-1)
+                err_t[i] = err
+            loss += err_t.square().sum(dim=0) / 2
+            if end < cols:
+                w[:, end:].addmm_(err_t.T, u[start:end, end:], alpha=-1)
+    return codes_t, loss
 
 
 def _gptq(
@@ -127,48 +177,31 @@ def _gptq(
     dev = w.device
     scales = torch.empty(rows, n_groups, device=dev)
     zeros = torch.empty(rows, n_groups, device=dev)
-    static_t: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
     if static_groups:
         for k in range(n_groups):
             scales[:, k], zeros[:, k] = fit_grid(w[:, k * g : (k + 1) * g], bits, sym)
         order = perm if perm is not None else torch.arange(cols, device=dev)
         # per processed column: its original group; scales/zeros transposed so a group's row is contiguous
-        static_t = ((order // g).tolist(), scales.T.contiguous(), zeros.T.contiguous())
+        col_group, scales_t, zeros_t = (order // g).tolist(), scales.T.contiguous(), zeros.T.contiguous()
     if perm is not None:
         w = w[:, perm]
     block = max(1, block_size // g) * g if group_size is not None and not static_groups else block_size
-    # transposed buffers: row writes are contiguous, column writes are slow
-    codes_t = torch.empty(cols, rows, device=dev)
-    loss = torch.zeros(rows, device=dev)
-    maxq = 2**bits - 1
+
+    def group_grid(col: int, w_blk: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if static_groups:
+            return scales_t[col_group[col]], zeros_t[col_group[col]]
+        if col % g:
+            return None
+        scale, zero = fit_grid(w_blk[:, i : i + g], bits, sym)
+        scales[:, col // g], zeros[:, col // g] = scale, zero
+        return scale, zero
+
+    grid_at: GridAt = group_grid
     if group_size is None:
-        scale, zero = fit_grid(w, bits, sym)
-        scales[:, 0], zeros[:, 0] = scale, zero
+        scales[:, 0], zeros[:, 0] = fit_grid(w, bits, sym)
+        grid_at = fixed_grid(scales[:, 0], zeros[:, 0])
 
-    for start in range(0, cols, block):
-        end = min(start + block, cols)
-        w_blk = w[:, start:end].clone()
-        err_t = torch.empty(end - start, rows, device=dev)
-        u_blk = u[start:end, start:end]
-        for i in range(end - start):
-            col = start + i
-            if static_t is not None:
-                group = static_t[0][col]
-                scale, zero = static_t[1][group], static_t[2][group]
-            elif group_size is not None and col % g == 0:
-                scale, zero = fit_grid(w_blk[:, i : i + g], bits, sym)
-                scales[:, col // g], zeros[:, col // g] = scale, zero
-            # a contiguous copy: elementwise ops on a strided column are ~1000x slower on CPU; in-place after
-            wc = w_blk[:, i].contiguous()
-            q = torch.round(wc / scale).add_(zero).clamp_(0, maxq)
-            codes_t[col] = q
-            err = wc.sub_((q - zero).mul_(scale)).div_(u_blk[i, i])
-            w_blk[:, i + 1 :].addmm_(err[:, None], u_blk[i : i + 1, i + 1 :], alpha=-1)
-            err_t[i] = err
-        loss += err_t.square().sum(dim=0) / 2
-        if end < cols:
-            w[:, end:].addmm_(err_t.T, u[start:end, end:], alpha=-1)
-
+    codes_t, loss = gptq_columns(w, u, bits, block, grid_at)
     codes = codes_t.T
     g_idx: torch.Tensor | None = None
     if perm is not None:
