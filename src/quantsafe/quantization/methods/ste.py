@@ -67,7 +67,7 @@ class STEOptions(TrainOptions):
 def _fp16_up(x: torch.Tensor) -> torch.Tensor:
     """Round positive fp32 values up to the next fp16 value (so the stored scale still covers max|W|)."""
     half = x.clamp(min=_MIN_SCALE).half()
-    half = torch.where(half.float() < x, torch.nextafter(half, torch.tensor(torch.inf, dtype=half.dtype)), half)
+    half = torch.where(half.float() < x, torch.nextafter(half, torch.full_like(half, torch.inf)), half)
     return half.float()
 
 
