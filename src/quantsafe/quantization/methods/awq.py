@@ -70,15 +70,12 @@ class ScaleSet:
 
 @dataclass(frozen=True)
 class ScaleSearch:
-    """The grid search's outcome for one set: the chosen α, its fp32 scales and the loss at every α."""
+    """The grid search's outcome for one set: the chosen α, its fp32 scales, its loss and the loss at every α."""
 
     alpha: float
     scales: torch.Tensor
+    loss: float
     losses: list[float]
-
-    @property
-    def loss(self) -> float:
-        return min(self.losses)
 
 
 def awq_scale_sets(block: nn.Module, index: int) -> list[ScaleSet]:
@@ -139,6 +136,7 @@ class InputSummary:
 
 
 def summarize_inputs(calls: list[Call], n_sample: int) -> InputSummary:
+    """One pass over a Linear's cached inputs, batch by batch (no fp32 copy of them all)."""
     flats = [args[0].reshape(-1, args[0].shape[-1]) for args, _ in calls]
     total = sum(f.shape[0] for f in flats)
     device = flats[0].device
@@ -156,12 +154,12 @@ def summarize_inputs(calls: list[Call], n_sample: int) -> InputSummary:
 @torch.no_grad()
 def module_mse(module: nn.Module, calls: list[Call], reference: list[torch.Tensor]) -> float:
     """Mean squared error (fp32) of `module`'s outputs on `calls` against `reference`."""
-    total, count = 0.0, 0
+    total, count = torch.zeros((), device=reference[0].device), 0
     for (args, kwargs), ref in zip(calls, reference, strict=True):
         out = _output(module(*args, **kwargs))
-        total += float((out.float() - ref.float()).pow(2).sum())
+        total += (out.float() - ref.float()).pow(2).sum()
         count += out.numel()
-    return total / max(count, 1)
+    return float(total) / max(count, 1)  # one device sync per α, not per batch
 
 
 def alpha_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -193,7 +191,8 @@ def search_scales(block: nn.Module, sset: ScaleSet, x_mean: torch.Tensor, calls:
     if not finite:
         raise QuantsafeError(f"AWQ: every scale of set '{sset.name}' gave a non-finite output error")
     best = losses.index(min(finite))
-    return ScaleSearch(alpha=best / n_grid, scales=alpha_scales(x_mean, best / n_grid), losses=losses)
+    return ScaleSearch(alpha=best / n_grid, scales=alpha_scales(x_mean, best / n_grid), loss=losses[best],
+                       losses=losses)
 
 
 @torch.no_grad()
