@@ -126,7 +126,6 @@ def _nearest_coset(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     multisets, ms_odd, padding, pow3 = _patterns(str(y.device))
     a = y.abs()
     neg = y < 0
-    rows = torch.arange(len(y), device=y.device)
     parity = neg.sum(dim=1, keepdim=True) % 2
     a_sorted, order = a.sort(dim=1, descending=True)
     ms_wrong = parity != ms_odd[None, :]
@@ -149,8 +148,9 @@ def _nearest_coset(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
     absval = torch.where(use_pad[:, None], padding[pad_best],
                          torch.empty_like(a).scatter_(1, order, multisets[ms_best]))
-    flip = torch.where(use_pad, pad_wrong, ms_wrong[rows, ms_best])
-    neg[rows, pad_at] ^= flip  # the ball patterns flip the smallest |y_i|, order[:, -1], too
+    flip = torch.where(use_pad, pad_wrong, ms_wrong.gather(1, ms_best[:, None])[:, 0])
+    # the ball patterns flip the smallest |y_i|, order[:, -1], too
+    neg ^= (torch.arange(DIM, device=y.device) == pad_at[:, None]) & flip[:, None]
     v = torch.where(neg, -absval, absval)
     idx = lut[((absval - 0.5) * pow3).sum(dim=1).round().long()]
     return v, idx, a.square().sum(dim=1) + torch.minimum(ms_best_cost, pad_best_cost)
