@@ -1,4 +1,5 @@
-"""Shared fixtures: the real shared data directory, and a real llama.cpp server serving the default model."""
+"""Shared fixtures: the real shared data directory, a real llama.cpp server serving the default model, and a tiny
+compressed-tensors checkpoint."""
 
 from __future__ import annotations
 
@@ -43,3 +44,55 @@ def llama_gguf() -> Path:
 def llama_server(llama_gguf: Path) -> Iterator[LlamaServer]:
     with serve_gguf(llama_gguf, n_ctx=4096, tokenizer=DEFAULT_MODEL) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def compressed_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random Llama (SmolLM2's tokenizer and chat template) saved by compressed-tensors as a W4 g32
+    pack-quantized checkpoint, beside the same weights fake-quantized and saved dense (the reference its loaded
+    logits must match). For imports of existing quantized checkpoints (models/imported.py)."""
+    import shutil
+
+    import torch
+    from compressed_tensors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationStatus,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantsafe.models import resolve_model
+
+    root = tmp_path_factory.mktemp("compressed")
+    packed, dense = root / "tiny-w4-pack", root / "tiny-w4-dense"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)  # fp32: the reference comparison is then exact up to summation order
+    scheme = preset_name_to_scheme("W4A16", ["Linear"])
+    scheme.weights.group_size = 32
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"],
+                                                        quantization_status=QuantizationStatus.INITIALIZED))
+    reference = LlamaForCausalLM(config)
+    reference.load_state_dict(model.state_dict(), strict=False)
+    for name, module in model.named_modules():
+        if hasattr(module, "weight_scale"):  # symmetric int4: w ≈ clamp(round(w / s), -8, 7) · s, per group of 32
+            w = module.weight.detach().reshape(module.weight.shape[0], -1, 32)
+            scale, zero = calculate_qparams(w.amin(-1), w.amax(-1), module.quantization_scheme.weights)
+            module.weight_scale.data.copy_(scale)
+            module.weight_zero_point.data.copy_(zero)
+            q = torch.clamp(torch.round(w / scale[..., None]), -8, 7) * scale[..., None]
+            reference.get_submodule(name).weight.data.copy_(q.reshape(module.weight.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(packed)
+    compressor.update_config(packed)
+    reference.save_pretrained(dense)
+    smollm2 = resolve_model("smollm2-135m").path
+    for folder in (packed, dense):
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copy(smollm2 / name, folder / name)
+    return packed, dense
