@@ -74,3 +74,47 @@ def test_unknown_trained_judge_set_fails_before_any_model(tmp_path: Path, data_d
     bad = cfg.judges[0].model_copy(update={"trained": cfg.judges[0].trained.model_copy(update={"train_sets": ("x",)})})
     with pytest.raises(QuantsafeError, match=r"judges\.0\.trained\.train_sets: .*unknown labelled set 'x'"):
         _plan(cfg.model_copy(update={"judges": [bad]}), tmp_path / "out")
+
+
+IMPORT_STUDY = "name: x\nbenchmarks: [{name: opensafetymini}]\njudges: [{kind: heuristic}]\n"
+
+
+def test_import_variants_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(IMPORT_STUDY + "models: [smollm2-135m, qwen2.5-coder-0.5b]\nvariants:\n  - {method: none}\n"
+                    "  - import: {source: ~/q4.gguf, model: qwen2.5-coder-0.5b, precision: int4}\n"
+                    "  - import: {source: org/awq, model: smollm2-135m, revision: main, bits_per_weight: 4.25}\n")
+    cfg = load_study(path)
+    imports = [v for v in cfg.variants if v.import_ is not None]
+    assert [cfg.import_base(v) for v in imports] == ["qwen2.5-coder-0.5b", "smollm2-135m"]
+    assert [v.label() for v in cfg.variants] == ["bf16", "import ~/q4.gguf", "import org/awq"]
+    assert not any(v.is_full_precision for v in imports) and cfg.import_base(cfg.variants[0]) is None
+    dumped = cfg.model_dump(mode="json")  # recorded with the study; must read back as the same study
+    assert dumped["variants"][1]["import"]["source"] == "~/q4.gguf"
+    assert type(cfg).model_validate(dumped) == cfg
+
+
+def test_one_model_needs_no_model_field(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(IMPORT_STUDY + "models: [smollm2-135m]\nvariants: [{import: {source: a.gguf}}]\n")
+    cfg = load_study(path)
+    assert cfg.import_base(cfg.variants[0]) == "smollm2-135m"
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("models: [a, b]\nvariants: [{import: {source: x.gguf}}]\n",
+     "variants.0.import.model: name the study model this checkpoint is a variant of"),
+    ("models: [a]\nvariants: [{import: {source: x.gguf, model: b}}]\n",
+     "variants.0.import.model: 'b' is not in the study's models"),
+    ("models: [a]\nvariants: [{method: none}, {import: {source: x.gguf}, bits: 4}]\n",
+     "field 'variants.1': Value error, an import takes no quantizer fields (bits)"),
+    ("models: [a]\nvariants: [{import: {source: x.gguf, format: awq}}]\n", "field 'variants.0.import.format'"),
+    ("models: [a]\nvariants: [{import: {source: x.gguf, bits: 4}}]\n", "field 'variants.0.import.bits'"),
+    ("models: [a]\nvariants: [{import: {}}]\n", "field 'variants.0.import.source'"),
+])
+def test_bad_import_is_one_clear_line(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(IMPORT_STUDY + text)
+    with pytest.raises(QuantsafeError) as exc:
+        load_study(path)
+    assert needle in str(exc.value) and str(path) in str(exc.value) and "\n" not in str(exc.value)

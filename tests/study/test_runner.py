@@ -99,3 +99,56 @@ def test_a_second_study_in_the_same_directory_never_mixes(study: tuple[StudyConf
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert _tables(out / "report.md") == _tables(first)
+
+
+def test_imported_checkpoints_pair_with_their_base(tmp_path: Path, data_dir: Path,
+                                                   compressed_checkpoint: tuple[Path, Path]) -> None:
+    """Two imports beside the full-precision base: the base's own GGUF file (same weights, so the very same
+    answers, yet its own variant id and provenance) and a compressed-tensors checkpoint loaded by transformers.
+    (The compressed one is a tiny random model standing in for a quantized SmolLM2: plumbing, not safety.)"""
+    from quantsafe.models import KNOWN_MODELS
+    from quantsafe.models.loading import gguf_path
+
+    cfg = StudyConfig.model_validate({
+        "name": "imports", "models": ["smollm2-135m"], "data_dir": str(data_dir),
+        "variants": [{"method": "none"}, {"import": {"source": str(gguf_path("smollm2-135m"))}},
+                     {"import": {"source": str(compressed_checkpoint[0]), "bits_per_weight": 4.5}}],
+        "benchmarks": [{"name": "opensafetymini", "limit": 1}],
+        "decoding": {"max_new_tokens": 4}, "judges": [{"kind": "heuristic"}], "validation": None,
+    })
+    out = tmp_path / "out"
+    report = run_study(cfg, out, Console(quiet=True)).read_text()
+    assert "import:gguf-q4_1" in report and "import:compressed-tensors" in report
+    with Store.open(out / "quantsafe.db") as store:
+        fp, gguf, packed = store.variants()
+        assert len({fp.variant_id, gguf.variant_id, packed.variant_id}) == 3
+        assert fp.model == gguf.model == packed.model == "smollm2-135m"  # all pair with the same base
+        assert (gguf.precision, gguf.bits, gguf.bits_per_weight, gguf.dequantized_gguf) == ("int4", 4, 5.0, True)
+        assert gguf.source_sha256 == KNOWN_MODELS["smollm2-135m"].sha256
+        assert gguf.config["base_source_sha256"] == fp.source_sha256
+        assert (packed.precision, packed.group_size, packed.bits_per_weight, packed.dequantized_gguf) == (
+            "int4", 32, 4.5, False)
+        assert packed.artifact_path == str(compressed_checkpoint[0]) and len(packed.source_sha256) == 64
+        key = store.study().decoding_id
+        answers = {v.method: [g.response for g in store.generations(v.variant_id, key)] for v in (fp, gguf, packed)}
+        assert len(answers["none"]) == 1 and answers["import:gguf-q4_1"] == answers["none"]
+        assert len(answers["import:compressed-tensors"]) == 1
+        assert len(store.judged()) == 3
+    scores = (out / "scores.csv").read_text()
+    assert "import:gguf-q4_1" in scores
+
+
+def test_a_bad_import_fails_before_any_model(tmp_path: Path, data_dir: Path) -> None:
+    from quantsafe.errors import QuantsafeError
+    from quantsafe.study.runner import _plan
+
+    cfg = StudyConfig.model_validate({
+        "name": "bad", "models": ["smollm2-135m"], "data_dir": str(data_dir),
+        "variants": [{"method": "none"}, {"import": {"source": str(tmp_path / "gone.gguf")}}],
+        "benchmarks": [{"name": "opensafetymini", "limit": 2}], "judges": [{"kind": "heuristic"}],
+        "validation": None,
+    })
+    with pytest.raises(QuantsafeError, match=rf"^study 'bad', variants\.1\.import: {tmp_path}/gone\.gguf: import\."
+                                             r"source does not exist"):
+        _plan(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -12,6 +12,7 @@ from quantsafe.backends.base import DecodingConfig
 from quantsafe.backends.openai_compat import EndpointConfig
 from quantsafe.errors import QuantsafeError, validation_message
 from quantsafe.judges.spec import JudgeSpec
+from quantsafe.models.imported import ImportSpec
 from quantsafe.models.registry import DEFAULT_MODEL
 
 
@@ -20,7 +21,11 @@ class _Strict(BaseModel):
 
 
 class VariantSpec(_Strict):
-    """One precision of each model: `method: none` is the full-precision reference."""
+    """One precision of each model: `method: none` is the full-precision reference, another method quantizes it,
+    and `import: {source: ...}` is an existing quantized checkpoint of one study model (models/imported.py)."""
+
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True,
+                              serialize_by_alias=True)
 
     method: str = "none"
     bits: int | None = Field(None, ge=2, le=8)
@@ -28,12 +33,25 @@ class VariantSpec(_Strict):
     sym: bool = False
     options: dict[str, Any] = {}
     calibration: dict[str, Any] | None = None
+    import_: ImportSpec | None = Field(None, alias="import")
+
+    @model_validator(mode="after")
+    def _import_alone(self) -> VariantSpec:
+        defaults = {name: f.get_default(call_default_factory=True) for name, f in type(self).model_fields.items()}
+        quantizer_fields = [name for name, default in defaults.items()
+                            if name != "import_" and getattr(self, name) != default]
+        if self.import_ is not None and quantizer_fields:
+            raise ValueError(f"an import takes no quantizer fields ({', '.join(quantizer_fields)}); its method and "
+                             "precision come from the checkpoint or from the import block")
+        return self
 
     @property
     def is_full_precision(self) -> bool:
-        return self.method == "none"
+        return self.method == "none" and self.import_ is None
 
     def label(self) -> str:
+        if self.import_ is not None:
+            return f"import {self.import_.source}"
         if self.is_full_precision:
             return "bf16"
         g = f"-g{self.group_size}" if self.group_size else ""
@@ -93,6 +111,27 @@ class StudyConfig(_Strict):
         if not self.models and not self.served:
             raise ValueError("a study needs at least one entry in models or served")
         return self
+
+    @model_validator(mode="after")
+    def _imports_name_their_model(self) -> StudyConfig:
+        """An imported checkpoint is a variant of one base model: its answers pair with that model's
+        full-precision ones, so the model must be in the study (and named when there are several)."""
+        for i, v in enumerate(self.variants):
+            if v.import_ is None:
+                continue
+            if v.import_.model is None and len(self.models) != 1:
+                raise ValueError(f"variants.{i}.import.model: name the study model this checkpoint is a variant of "
+                                 f"(one of models: {self.models})")
+            if v.import_.model is not None and v.import_.model not in self.models:
+                raise ValueError(f"variants.{i}.import.model: '{v.import_.model}' is not in the study's models "
+                                 f"{self.models}")
+        return self
+
+    def import_base(self, spec: VariantSpec) -> str | None:
+        """The `models` entry an import variant belongs to (None for other variants, which apply to every model)."""
+        if spec.import_ is None:
+            return None
+        return spec.import_.model or self.models[0]
 
 
 def load_study(path: Path) -> StudyConfig:

@@ -27,6 +27,7 @@ from quantsafe.judges.base import Judge, JudgeItem
 from quantsafe.judges.factory import judge_from_spec
 from quantsafe.models import ResolvedModel, load_model, resolve_model
 from quantsafe.models.dtype import dtype_name, resolve_dtype
+from quantsafe.models.imported import ImportedCheckpoint, inspect_import, load_imported
 from quantsafe.models.loading import check_model
 from quantsafe.quantization import QuantConfig, load_quantized, quantize_variant
 from quantsafe.report import compute_scores, render_report, scores_csv
@@ -80,6 +81,18 @@ def _variant(resolved: ResolvedModel, spec: VariantSpec, data_dir: Path, artifac
                      dequantized_gguf=resolved.dequantized_gguf, artifact_path=str(art.path),
                      config=qcfg.model_dump(mode="json"))
     return row, lambda name: HFBackend(*load_quantized(art.path, dtype=dtype), name)
+
+
+def _imported_variant(resolved: ResolvedModel, ckpt: ImportedCheckpoint, dtype: torch.dtype,
+                      ) -> tuple[VariantRow, Callable[[str], Backend]]:
+    """An existing quantized checkpoint of `resolved`: nothing to quantize; its source and content hash are
+    recorded, and its answers pair with the base model's full-precision ones (same `model`)."""
+    row = VariantRow(variant_id=ckpt.variant_id(resolved.source_sha256), model=resolved.name,
+                     precision=ckpt.precision, method=ckpt.method, bits=ckpt.bits, group_size=ckpt.group_size,
+                     bits_per_weight=ckpt.bits_per_weight, source_sha256=ckpt.content_sha256,
+                     dequantized_gguf=ckpt.format == "gguf", artifact_path=str(ckpt.path),
+                     config=ckpt.record() | {"base_source_sha256": resolved.source_sha256})
+    return row, lambda name: HFBackend(*load_imported(ckpt, dtype), name)
 
 
 def _served_variant(spec: ServedSpec, cache: RequestCache | None) -> tuple[VariantRow, Callable[[str], Backend]]:
@@ -171,6 +184,7 @@ class _Plan(BaseModel):
     prompts: list[Prompt]
     criteria: dict[str, str]
     models: list[ResolvedModel]
+    imports: dict[int, ImportedCheckpoint]  # variant index -> its checkpoint, located, hashed and checked
     dtype: torch.dtype
 
 
@@ -182,8 +196,14 @@ def _plan(cfg: StudyConfig, out_dir: Path) -> _Plan:
     criteria = load_criteria(data_dir)
     for p in prompts:
         _criterion(criteria, p.scenario)
+    imports: dict[int, ImportedCheckpoint] = {}
     for i, spec in enumerate(cfg.variants):
-        if not spec.is_full_precision:
+        if spec.import_ is not None:
+            try:
+                imports[i] = inspect_import(spec.import_)
+            except QuantsafeError as exc:
+                raise QuantsafeError(f"study '{cfg.name}', variants.{i}.import: {exc}") from None
+        elif not spec.is_full_precision:
             try:
                 _quant_config(spec)
             except QuantsafeError as exc:
@@ -213,7 +233,7 @@ def _plan(cfg: StudyConfig, out_dir: Path) -> _Plan:
             raise QuantsafeError(f"study '{cfg.name}', validation.sets: unknown XSTest file(s) {missing}; "
                                  f"available: {sorted(available)}")
     return _Plan(data_dir=data_dir, artifacts=cfg.artifacts_dir or cache_dir() / "artifacts", prompts=prompts,
-                 criteria=criteria, models=models, dtype=dtype)
+                 criteria=criteria, models=models, imports=imports, dtype=dtype)
 
 
 def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None) -> Path:
@@ -229,10 +249,15 @@ def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None) -
     needs_http = bool(cfg.served) or any(j.endpoint is not None for j in cfg.judges)
     requests = RequestCache(out_dir / REQUEST_CACHE) if needs_http else None
     with Store.open(out_dir / "quantsafe.db") as store:
-        for resolved in plan.models:
-            for spec in cfg.variants:
+        for ref, resolved in zip(cfg.models, plan.models, strict=True):
+            for i, spec in enumerate(cfg.variants):
+                if spec.import_ is not None and cfg.import_base(spec) != ref:
+                    continue  # another model's checkpoint
                 console.print(f"variant {resolved.name} {spec.label()}")
-                row, loader = _variant(resolved, spec, plan.data_dir, plan.artifacts, plan.dtype)
+                if i in plan.imports:
+                    row, loader = _imported_variant(resolved, plan.imports[i], plan.dtype)
+                else:
+                    row, loader = _variant(resolved, spec, plan.data_dir, plan.artifacts, plan.dtype)
                 store.upsert_variant(row)
                 variants.append(row)
                 _generate(store, row, loader, plan.prompts, cfg.decoding, gen_key, plan.dtype, console)
