@@ -13,9 +13,10 @@ Per Linear W [m, n] with proxy Hessian H = E[x xᵀ] of its inputs:
 5. Ŵ = diag(s_m)·Had_mᵀ·(σ_W Ŵ')·Had_n·diag(s_n) is the weight the model uses (`E8PLayer.dequantize`).
 
 Hessians come from the full-precision model (`inputs_from = "fp"`), as in the reference code, which computes
-them offline from the FP16 model. Each Linear is quantized on its own (QuIP-for-all; the official code fuses
-q|k|v and gate|up). Not implemented: the 3-bit codebook (E8P12RVQ3B) and fine-tuning (§4.7), so results are
-QuIP# "no-FT".
+them offline from the FP16 model. Linears that share an input (q/k/v, gate/up) share the input-side transform
+and one stacked BlockLDLQ (as the official code's fusion; each keeps its own output side and σ_W), which gives
+the same result as quantizing each alone with that transform. Not implemented: the 3-bit codebook (E8P12RVQ3B)
+and fine-tuning (§4.7), so results are QuIP# "no-FT".
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantsafe.errors import QuantsafeError
-from quantsafe.quantization.base import LayerStats, QuantizedLayer, Quantizer, register_layer_format, register_quantizer
+from quantsafe.quantization.base import (
+    InputsFrom,
+    LayerStats,
+    QuantizedLayer,
+    Quantizer,
+    register_layer_format,
+    register_quantizer,
+)
 from quantsafe.quantization.e8p import DIM, dequantize_rvq, quantize_rvq, to_int16
 from quantsafe.quantization.hadamard import RandomizedHadamard, random_hadamard
 from quantsafe.quantization.packing import pack_codes, unpack_codes
@@ -250,7 +258,7 @@ class QuipSharpQuantizer(Quantizer):
         self._prefix = ""
 
     @property
-    def inputs_from(self) -> Any:
+    def inputs_from(self) -> InputsFrom:
         return "fp"
 
     @torch.no_grad()
