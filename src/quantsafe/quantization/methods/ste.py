@@ -8,8 +8,10 @@ passes straight through to W. Embeddings, norms and lm_head stay frozen. At the 
 
 Grid: symmetric and signed, q ∈ {−2^(b−1), …, 2^(b−1) − 1}; int2 is {−2, −1, 0, 1}·s, int3 {−4 … 3}·s, int4
 {−8 … 7}·s. Stored as a `UniformLayer` with zeros=None (implied zero 2^(b−1), unsigned codes q + 2^(b−1)), which
-holds exactly this grid when its scale is this s: W = s·(code − 2^(b−1)). s is rounded up to fp16 *before* it is
-used, in training and export alike, so the trained forward and the stored weights are the same numbers.
+holds exactly this grid when its scale is this s: W = s·(code − 2^(b−1)). Since |W| ≤ max|W_row| = q_max·s,
+the level −2^(b−1) is never reached with this scale: int2 STE weights take only {−1, 0, 1}·s (ternary), int4
+15 of its 16 levels. s is rounded up to fp16 *before* it is used, in training and export alike, so the trained
+forward and the stored weights are the same numbers.
 `group_size` null is GIFT-SW's per-row grid; a group size gives one s per (row, group) instead.
 
 Deviations from GIFT-SW's recipe (500 steps × batch 128 on TULU-V2-Mix, lr 1e-5, cosine, 3% warm-up, 128 of
