@@ -74,7 +74,9 @@ class AQLMLayer(QuantizedLayer):
     codebooks: torch.Tensor  # fp16 [M, 2^B, g]
     scales: torch.Tensor  # fp16 [rows]
     nbits: int
-    loss: float | None = field(default=None)  # final tr(ΔW H ΔWᵀ)/rows with the stored (fp16) values
+    # tr(ΔW H ΔWᵀ)/rows with the stored (fp16) values, as the per-Linear search left them (before any block
+    # fine-tuning, which optimises the block output instead)
+    loss: float | None = field(default=None)
 
     @property
     def shape(self) -> tuple[int, int]:
