@@ -37,7 +37,7 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch
     exact = ((xmax - xmin) / maxq).clamp(min=_MIN_SCALE)
     half = exact.half()
     # Round the scale *up* to fp16 so the stored grid still spans [min, max] (error stays within half a step).
-    half = torch.where(half.float() < exact, torch.nextafter(half, torch.tensor(torch.inf, dtype=half.dtype)), half)
+    half = torch.where(half.float() < exact, torch.nextafter(half, torch.full_like(half, torch.inf)), half)
     scale = half.float()
     if sym:
         return scale, torch.full_like(scale, float(2 ** (bits - 1)))
