@@ -150,7 +150,8 @@ def _from_hub(repo_id: str) -> ResolvedModel:
     from huggingface_hub import snapshot_download
 
     try:
-        local = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        local = Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # the hub client raises many types; the user needs one line
         raise QuantsafeError(f"model '{repo_id}': could not download from the hub ({type(exc).__name__})") from exc
     return ResolvedModel(name=repo_id.split("/")[-1].lower(), path=local, source=f"hub {repo_id}@{local.name}",
