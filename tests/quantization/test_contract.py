@@ -128,3 +128,12 @@ def test_module_inputs_rerun_a_submodule_exactly(tiny_model: Callable[..., Any])
         again = [attn(*args, **kwargs)[0] for args, kwargs in calls]
     for a, b in zip(again, seen, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_method_fixes_its_own_config_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    from quantsafe.quantization.methods.rtn import RTNQuantizer
+
+    monkeypatch.setattr(RTNQuantizer, "config_defaults", {"group_size": None, "sym": True})
+    assert QuantConfig(method="rtn", bits=4).group_size is None
+    explicit = QuantConfig(method="rtn", bits=4, group_size=32, sym=False)
+    assert (explicit.group_size, explicit.sym) == (32, False)

@@ -113,6 +113,7 @@ class Quantizer(ABC):
     needs_calibration: ClassVar[bool] = False
     stats: ClassVar[frozenset[Stat]] = frozenset()
     Options: ClassVar[type[BaseModel]] = NoOptions
+    config_defaults: ClassVar[dict[str, Any]] = {}  # QuantConfig fields this method sets unless a config does
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config

@@ -90,6 +90,17 @@ class QuantConfig(BaseModel):
         field existed, so existing artifacts keep their ids."""
         return [(k, v) for k, v in super().__repr_args__() if k != "layer_bits" or v]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        """Fields a method fixes unless the config says otherwise (QUIK's per-row symmetric grid, QLoRA's block
+        of 64), so `method: quik` alone is a valid config."""
+        from quantsafe.quantization.base import get_quantizer_class, known_methods
+
+        if isinstance(data, dict) and data.get("method") in known_methods():
+            return get_quantizer_class(data["method"]).config_defaults | data
+        return data
+
     @model_validator(mode="after")
     def _known_method_and_options(self) -> QuantConfig:
         from quantsafe.quantization.base import get_quantizer_class
