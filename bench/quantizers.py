@@ -222,6 +222,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
                        "rss_after_imports_mb is the same process before any model was loaded",
         "rss_target_mb": "1.5 × full-precision weights + n_samples × seq_len × intermediate × 4 bytes",
         "env": {"OMP_WAIT_POLICY": "PASSIVE", "threads": "torch default"},
+        "load_avg_1min": "the machine's 1-minute load average when the row started and ended: above ~2 on these "
+                         "2 cores, other jobs shared the CPU and the row's seconds are inflated (perplexity and KL "
+                         "are not)",
     }
 
 
@@ -266,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                     "ppl_seq_len": args.ppl_seq_len, "ppl_max_windows": args.ppl_max_windows,
                     "kl_prompts": args.kl_prompts, "artifacts": str(args.artifacts)}
             print(f"[{time.strftime('%H:%M:%S')}] {model} {label}", flush=True)
+            load_before = os.getloadavg()[0]
             try:
                 result = _run_child(spec, log)
             except RuntimeError as exc:
@@ -273,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             implementation = "reference:hqq" if method == "hqq" else "quantsafe"
             row = {"model": model, "label": label, "method": method, "bits": bits,
-                   "implementation": implementation, **result, "model_facts": facts}
+                   "implementation": implementation, **result, "model_facts": facts,
+                   "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
             if calibrated and result.get("peak_rss_mb") is not None:
                 row["rss_target_mb"] = _rss_target(facts, args.n_samples, args.seq_len)
             doc["rows"].append(row)
