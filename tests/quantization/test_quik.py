@@ -210,6 +210,8 @@ def test_quik_needs_per_row_symmetric_configs(group_size: int | None, sym: bool)
     cfg = QuantConfig(method="quik", bits=4, group_size=group_size, sym=sym)
     with pytest.raises(QuantsafeError, match="set group_size: null and sym: true"):
         make_quantizer(cfg)
+    plain = QuantConfig(method="quik", bits=4)  # QUIK's own defaults
+    assert (plain.group_size, plain.sym) == (None, True)
 
 
 def test_outlier_count_scales_with_width() -> None:

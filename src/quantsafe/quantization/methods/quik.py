@@ -6,7 +6,7 @@ experiments/fake_quant)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -213,8 +213,8 @@ class QUIKQuantizer(Quantizer):
 
         method: quik
         bits: 4
-        group_size: null        # QUIK has one scale per row ...
-        sym: true               # ... on the symmetric signed grid q ∈ [−8, 7]
+        group_size: null        # QUIK has one scale per row (the default for quik) ...
+        sym: true               # ... on the symmetric signed grid q ∈ [−8, 7] (the default too)
         options: {outlier_fraction: 0.0625, outliers: null, fp_relative: true, w_clip: true, damp_percent: 0.01,
                   block_size: 128, true_sequential: true}
         calibration: {source: wikitext2, n_samples: 128, seq_len: 512}
@@ -225,6 +225,7 @@ class QUIKQuantizer(Quantizer):
     needs_calibration = True
     stats = frozenset({"xtx", "abs_max"})
     Options = QUIKOptions
+    config_defaults: ClassVar[dict[str, Any]] = {"group_size": None, "sym": True}  # `method: quik` alone is valid
 
     def __init__(self, config: QuantConfig) -> None:
         super().__init__(config)
