@@ -94,7 +94,8 @@ def test_quantize_alone_is_the_nf_base() -> None:
 
 
 def test_options_recorded_and_bad_options_fail(tiny_model: Callable[..., Any]) -> None:
-    config = QuantConfig(method="qlora", bits=2, group_size=64)
+    config = QuantConfig(method="qlora", bits=2)
+    assert config.group_size == 64
     assert config.options == {"steps": 32, "batch_size": 2, "grad_accum": 1, "window": 256, "lr": 2e-4,
                               "schedule": "constant", "warmup_ratio": 0.03, "max_grad_norm": 0.3, "r": 16,
                               "alpha": 16, "dropout": 0.1, "double_quant": True}

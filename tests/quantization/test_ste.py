@@ -146,12 +146,13 @@ def test_quantize_without_training_is_rtn_on_the_ste_grid() -> None:
 
 
 def test_options_recorded_and_bad_options_fail(tiny_model: Callable[..., Any]) -> None:
-    config = QuantConfig(method="ste", bits=4, sym=True, group_size=None)
+    config = QuantConfig(method="ste", bits=4)
+    assert config.sym and config.group_size is None  # the method's own grid unless a config says otherwise
     assert config.options == {"steps": 32, "batch_size": 2, "grad_accum": 1, "window": 256, "lr": 1e-5,
                               "schedule": "cosine", "warmup_ratio": 0.03, "max_grad_norm": None}
     assert config.calibration is not None
     with pytest.raises(QuantsafeError, match="sym: true"):
-        make_quantizer(QuantConfig(method="ste", bits=4))
+        make_quantizer(QuantConfig(method="ste", bits=4, sym=False))
     for bad in ({"steps": 0}, {"lr": 0}, {"warmup_ratio": 1.0}, {"schedule": "linear"}, {"salient": 28}):
         with pytest.raises(ValueError, match="options of method 'ste'"):
             QuantConfig(method="ste", bits=4, sym=True, options=bad)

@@ -22,7 +22,7 @@ Sample YAML::
 
     method: qlora
     bits: 2
-    group_size: 64          # NF block size (QLoRA: 64)
+    group_size: 64          # NF block size; the default (QLoRA's)
     options: {r: 16, alpha: 16, dropout: 0.1, double_quant: true, steps: 32, batch_size: 2, window: 256,
               lr: 2.0e-4, schedule: constant, warmup_ratio: 0.03, max_grad_norm: 0.3}
     calibration: {source: wikitext2, n_samples: 32, seq_len: 512}   # training windows (or text_file)
@@ -31,7 +31,7 @@ Sample YAML::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -120,6 +120,7 @@ class QLoRAQuantizer(Quantizer):
     version = 1
     needs_calibration = True
     Options = QLoRAOptions
+    config_defaults: ClassVar[dict[str, Any]] = {"group_size": 64}  # QLoRA's NF block
 
     def __init__(self, config: QuantConfig) -> None:
         super().__init__(config)

@@ -27,8 +27,8 @@ Sample YAML::
 
     method: ste
     bits: 3
-    sym: true               # required: the symmetric signed grid above
-    group_size: null        # per row (GIFT-SW)
+    sym: true               # the default; `sym: false` is refused (STE's grid is the symmetric signed one)
+    group_size: null        # the default: per row (GIFT-SW)
     options: {steps: 32, batch_size: 2, grad_accum: 1, window: 256, lr: 1.0e-5, schedule: cosine,
               warmup_ratio: 0.03}
     calibration: {source: wikitext2, n_samples: 32, seq_len: 512}   # training windows (or text_file)
@@ -37,6 +37,7 @@ Sample YAML::
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +130,7 @@ class STEQuantizer(Quantizer):
     version = 1
     needs_calibration = True
     Options = STEOptions
+    config_defaults: ClassVar[dict[str, Any]] = {"group_size": None, "sym": True}  # GIFT-SW's per-row grid
 
     def __init__(self, config: QuantConfig) -> None:
         super().__init__(config)
