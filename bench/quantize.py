@@ -6,6 +6,9 @@ own. Rows are written as they complete and rows already in the JSON are skipped,
 
     .venv/bin/python bench/quantize.py                                   # everything (hours on 2 cores)
     .venv/bin/python bench/quantize.py --models smollm2-135m --methods rtn gptq --bits 4
+    .venv/bin/python bench/quantize.py --methods gptq --options '{"damp_percent": 0.001}' --variant "damp 0.001"
+
+With `--variant`, the rows go to `ablations.rows` (labelled by the variant) instead of `rows`.
 
 The reference (`--methods reference`) runs llm-compressor's GPTQModifier in the separate venv `.venv-ref`
 (it pins transformers <= 5.17) on the very same calibration token ids, writes its fake-quantized weights as a
@@ -31,7 +34,7 @@ REF_PYTHON = REPO / ".venv-ref" / "bin" / "python"
 DATA_DIR = Path(os.environ.get("QUANTSAFE_DATA_DIR", REPO.parent / "shared" / "data"))
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
 METHODS = ("none", "rtn", "gptq", "reference")
-REFERENCE_BITS = (4,)  # the llm-compressor comparison runs at W4 only (CPU time)
+REFERENCE_BITS = (4, 3)  # the llm-compressor comparison runs at W4 and W3 only (CPU time)
 # OpenMP's default spin-waiting makes small ops many times slower when the 2 cores are shared with other jobs.
 CHILD_ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -66,7 +69,8 @@ def _quant_config(spec: dict[str, Any]) -> Any:
     calibration = None
     if spec["method"] == "gptq":
         calibration = CalibrationConfig(n_samples=spec["n_samples"], seq_len=spec["seq_len"], seed=0)
-    return QuantConfig(method=spec["method"], bits=spec["bits"], group_size=spec["group_size"], calibration=calibration)
+    return QuantConfig(method=spec["method"], bits=spec["bits"], group_size=spec["group_size"],
+                       calibration=calibration, options=spec.get("options") or {})
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -284,6 +288,7 @@ def _run_row(entry: dict[str, Any], args: argparse.Namespace, log: Path) -> dict
         "ppl_seq_len": args.ppl_seq_len,
         "ppl_max_windows": args.ppl_max_windows,
         "artifacts": str(args.artifacts),
+        "options": args.options,
     }
     if entry["method"] != "reference":
         return {**entry, "implementation": "quantsafe"} | _run_child(Path(sys.executable), "--worker", spec, log)
@@ -329,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ppl-seq-len", type=int, default=512)
     parser.add_argument("--ppl-max-windows", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8, help="calibration mini-batch (reference too)")
+    parser.add_argument("--options", type=json.loads, default={}, help="method options (JSON), with --variant")
+    parser.add_argument("--variant", help="label of an ablation: rows go to ablations.rows")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--artifacts", type=Path, default=Path.home() / ".cache" / "quantsafe" / "bench-quantize")
     args = parser.parse_args(argv)
@@ -338,18 +345,23 @@ def main(argv: list[str] | None = None) -> None:
 
     doc = _load(args.out)
     settings = _settings(args)
+    if bool(args.options) != bool(args.variant):
+        raise SystemExit("--options and --variant go together (an ablation is a labelled, non-default setting)")
+    if args.variant and "reference" in args.methods:
+        raise SystemExit("--variant applies to quantsafe methods only")
     if doc["rows"] and doc.get("settings") != settings:
         raise SystemExit(f"{args.out} holds rows measured with other settings; use another --out")
     doc["machine"], doc["settings"] = machine_info(), settings
     log = Path("/tmp") / "bench_quantize_workers.log"
+    target = doc.setdefault("ablations", {"rows": []})["rows"] if args.variant else doc["rows"]
     for entry in _planned(args):
-        done = {_row_key(r) for r in doc["rows"] if r.get("ppl") is not None}
+        done = {(*_row_key(r), r.get("variant")) for r in target if r.get("ppl") is not None}
         impl = "reference:llmcompressor" if entry["method"] == "reference" else "quantsafe"
-        if (entry["model"], entry["method"], entry["bits"], entry["group_size"], impl) in done:
+        if (entry["model"], entry["method"], entry["bits"], entry["group_size"], impl, args.variant) in done:
             continue
-        print(f"[{time.strftime('%H:%M:%S')}] {entry}", flush=True)
-        row = _run_row(entry, args, log)
-        doc["rows"].append(row)
+        print(f"[{time.strftime('%H:%M:%S')}] {entry} {args.variant or ''}", flush=True)
+        row = _run_row(entry, args, log) | ({"variant": args.variant} if args.variant else {})
+        target.append(row)
         _save(args.out, doc)
         print(f"    -> ppl {row['ppl']}  bpw {row['bits_per_weight']}  {row['seconds']} s", flush=True)
 
