@@ -31,6 +31,9 @@ RESULTS = REPO / "bench" / "results" / "quantizers.json"
 DATA_DIR = Path(os.environ.get("QUANTSAFE_DATA_DIR", REPO.parent / "shared" / "data"))
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
 SCALAR_GROUP = 64  # SmolLM2's 576 is not a multiple of 128; the same group on both models keeps rows comparable
+# AWQ's cost is its 20-point grid search re-running attention and MLP on every calibration token (~1 CPU-hour per
+# 128 × 512 windows on SmolLM2); its paper shows 16 sequences suffice, so it gets the first 16 of them.
+AWQ_DATA = {"source": "wikitext2", "n_samples": 16, "seq_len": 512}
 # QAT trains on text the model writes itself: training on WikiText-2 valid would fit the test split's domain and
 # flatter its perplexity (QLoRA W4 beat full precision that way); the paper's TULU-V2-Mix is not available offline.
 QAT_DATA = {"source": "self_generated", "n_samples": 32, "seq_len": 256}
@@ -40,7 +43,7 @@ ROWS: list[tuple[str, str, int, dict[str, Any]]] = [  # in the order they run: t
     *[(f"rtn-w{b}", "rtn", b, {"group_size": SCALAR_GROUP}) for b in (4, 2)],
     *[(f"gptq-w{b}", "gptq", b, {"group_size": SCALAR_GROUP}) for b in (4, 2)],
     ("hqq-w2", "hqq", 2, {"group_size": SCALAR_GROUP}),
-    ("awq-w4", "awq", 4, {"group_size": SCALAR_GROUP}),
+    ("awq-w4", "awq", 4, {"group_size": SCALAR_GROUP, "calibration": AWQ_DATA}),
     ("quik-w4", "quik", 4, {}),
     ("quip_sharp-w4", "quip_sharp", 4, {}),
     ("quip_sharp-w2", "quip_sharp", 2, {}),
@@ -211,8 +214,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "calibration": {"source": "wikitext-2 wiki.valid.tokens (never the test split)",
                         "n_samples": args.n_samples, "seq_len": args.seq_len, "seed": 0,
-                        "note": "the same windows calibrate every post-training method; QAT rows train on "
-                                f"self-generated text instead ({QAT_DATA})"},
+                        "note": f"the same windows calibrate every post-training method but AWQ ({AWQ_DATA}); QAT "
+                                f"rows train on self-generated text instead ({QAT_DATA})"},
         "perplexity": {"dataset": "wikitext-2 wiki.test.tokens joined by '\\n\\n', tokenized once",
                        "window": args.ppl_seq_len, "max_windows": args.ppl_max_windows or "all",
                        "protocol": "non-overlapping windows; ppl = exp(mean NLL); bf16 forward, fp32 log-softmax"},
