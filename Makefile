@@ -28,12 +28,14 @@ lint: setup
 	$(VENV)/bin/mypy
 
 test: setup lint $(VENV)/.llama-server
-	QUANTSAFE_DATA_DIR=$(DATA_DIR) HF_HUB_OFFLINE=1 QUANTSAFE_REQUIRE_LLAMA_SERVER=1 $(VENV)/bin/pytest -q
+	OMP_WAIT_POLICY=PASSIVE QUANTSAFE_DATA_DIR=$(DATA_DIR) HF_HUB_OFFLINE=1 QUANTSAFE_REQUIRE_LLAMA_SERVER=1 $(VENV)/bin/pytest -q
 
 bench: setup
 	QUANTSAFE_DATA_DIR=$(DATA_DIR) HF_HUB_OFFLINE=1 $(PY) bench/generation.py
 	QUANTSAFE_DATA_DIR=$(DATA_DIR) HF_HUB_OFFLINE=1 $(PY) bench/judges.py
 	QUANTSAFE_DATA_DIR=$(DATA_DIR) HF_HUB_OFFLINE=1 $(PY) bench/quantize.py
+	DISABLE_CUDA=1 $(VENV)/bin/pip install -q -e ".[bench]"
+	QUANTSAFE_DATA_DIR=$(DATA_DIR) HF_HUB_OFFLINE=1 $(PY) bench/quantizers.py
 
 clean:
 	rm -rf $(VENV) out

@@ -32,7 +32,7 @@ DATA_DIR = Path(os.environ.get("QUANTSAFE_DATA_DIR", REPO.parent / "shared" / "d
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
 SCALAR_GROUP = 64  # SmolLM2's 576 is not a multiple of 128; the same group on both models keeps rows comparable
 # AWQ's cost is its 20-point grid search re-running attention and MLP on every calibration token (~1 CPU-hour per
-# 128 × 512 windows on SmolLM2); its paper shows 16 sequences suffice, so it gets the first 16 of them.
+# 128 × 512 windows on SmolLM2); its paper shows 16 sequences suffice, so it gets 16 (same sampler and seed).
 AWQ_DATA = {"source": "wikitext2", "n_samples": 16, "seq_len": 512}
 # QAT trains on text the model writes itself: training on WikiText-2 valid would fit the test split's domain and
 # flatter its perplexity (QLoRA W4 beat full precision that way); the paper's TULU-V2-Mix is not available offline.
