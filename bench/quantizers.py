@@ -38,16 +38,18 @@ AWQ_DATA = {"source": "wikitext2", "n_samples": 16, "seq_len": 512}
 # flatter its perplexity (QLoRA W4 beat full precision that way); the paper's TULU-V2-Mix is not available offline.
 QAT_DATA = {"source": "self_generated", "n_samples": 32, "seq_len": 256}
 # (label, method, bits, extra QuantConfig fields): every method at the bit widths the issue asks for.
-ROWS: list[tuple[str, str, int, dict[str, Any]]] = [  # in the order they run: the paper's settings first
+ROWS: list[tuple[str, str, int, dict[str, Any]]] = [  # in the order they run: the issue's comparisons first
     ("bf16", "none", 16, {}),
-    *[(f"rtn-w{b}", "rtn", b, {"group_size": SCALAR_GROUP}) for b in (4, 2)],
-    *[(f"gptq-w{b}", "gptq", b, {"group_size": SCALAR_GROUP}) for b in (4, 2)],
-    ("hqq-w2", "hqq", 2, {"group_size": SCALAR_GROUP}),
-    ("awq-w4", "awq", 4, {"group_size": SCALAR_GROUP, "calibration": AWQ_DATA}),
-    ("quik-w4", "quik", 4, {}),
-    ("quip_sharp-w4", "quip_sharp", 4, {}),
+    ("rtn-w4", "rtn", 4, {"group_size": SCALAR_GROUP}),
+    ("gptq-w2", "gptq", 2, {"group_size": SCALAR_GROUP}),
     ("quip_sharp-w2", "quip_sharp", 2, {}),
     ("aqlm-w2", "aqlm", 2, {}),
+    ("hqq-w2", "hqq", 2, {"group_size": SCALAR_GROUP}),
+    ("quip_sharp-w4", "quip_sharp", 4, {}),
+    ("quik-w4", "quik", 4, {}),
+    ("awq-w4", "awq", 4, {"group_size": SCALAR_GROUP, "calibration": AWQ_DATA}),
+    ("gptq-w4", "gptq", 4, {"group_size": SCALAR_GROUP}),
+    ("rtn-w2", "rtn", 2, {"group_size": SCALAR_GROUP}),
     *[(f"ste-w{b}", "ste", b, {"group_size": None, "sym": True, "calibration": QAT_DATA}) for b in (4, 3, 2)],
     *[(f"qlora-w{b}", "qlora", b, {"group_size": 64, "calibration": QAT_DATA}) for b in (4, 3, 2)],
     *[(f"{m}-w{b}", m, b, {"group_size": SCALAR_GROUP}) for m in ("rtn", "gptq", "hqq") for b in (3,)],
