@@ -71,7 +71,7 @@ def test_bad_bits_is_a_clear_error(bits: int) -> None:
 
 
 def test_unknown_method_lists_known_ones() -> None:
-    with pytest.raises(QuantsafeError, match="known methods: aqlm, awq, gptq, qlora, quik, quip_sharp, rtn, ste$"):
+    with pytest.raises(QuantsafeError, match=r"known methods: aqlm, awq, gptq, qlora, quik, quip_sharp, rtn, ste$"):
         QuantConfig(method="nope", bits=4)
     assert {"gptq", "rtn"} <= set(known_methods())
 
