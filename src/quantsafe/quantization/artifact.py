@@ -201,9 +201,14 @@ def _layer_record(r: QuantizedLayer) -> LayerRecord:
 def _tensors_to_save(model: Any, results: dict[str, QuantizedLayer],
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
     for name, r in results.items():
         for suffix, t in r.to_tensors().items():
-            tensors[f"{name}.{suffix}"] = t.detach().cpu().contiguous()
+            t = t.detach().cpu().contiguous()
+            if t.data_ptr() in seen:  # layers may share a tensor (QuIP#'s input rotation of q/k/v); safetensors can't
+                t = t.clone()
+            seen.add(t.data_ptr())
+            tensors[f"{name}.{suffix}"] = t
     quantized = {f"{name}.weight" for name in results}
     aliases: dict[str, str] = {}
     stored_by_ptr: dict[int, str] = {}
