@@ -118,3 +118,16 @@ def test_bad_import_is_one_clear_line(tmp_path: Path, text: str, needle: str) ->
     with pytest.raises(QuantsafeError) as exc:
         load_study(path)
     assert needle in str(exc.value) and str(path) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_variants_pass_only_what_the_yaml_set_to_the_quantizer() -> None:
+    """An explicit `group_size: null` stays per-row, and a method's own defaults apply to what was not set."""
+    from quantsafe.study.config import VariantSpec
+
+    per_row = VariantSpec.model_validate({"method": "rtn", "bits": 4, "group_size": None})
+    assert per_row.quant_config().group_size is None
+    assert VariantSpec.model_validate({"method": "rtn", "bits": 4}).quant_config().group_size == 128
+    quik = VariantSpec.model_validate({"method": "quik", "bits": 4, "layer_bits": {"mlp.down_proj": 8}})
+    cfg = quik.quant_config()
+    assert (cfg.group_size, cfg.sym, cfg.layer_bits) == (None, True, {"mlp.down_proj": 8})
+    assert quik.label() == "quik-w4"

@@ -14,6 +14,7 @@ from quantsafe.errors import QuantsafeError, validation_message
 from quantsafe.judges.spec import JudgeSpec
 from quantsafe.models.imported import ImportSpec
 from quantsafe.models.registry import DEFAULT_MODEL
+from quantsafe.quantization import QuantConfig
 
 
 class _Strict(BaseModel):
@@ -33,6 +34,7 @@ class VariantSpec(_Strict):
     sym: bool = False
     options: dict[str, Any] = {}
     calibration: dict[str, Any] | None = None
+    layer_bits: dict[str, int] = {}
     import_: ImportSpec | None = Field(None, alias="import")
 
     @model_validator(mode="after")
@@ -49,13 +51,19 @@ class VariantSpec(_Strict):
     def is_full_precision(self) -> bool:
         return self.method == "none" and self.import_ is None
 
+    def quant_config(self) -> QuantConfig:
+        """The quantizer config this variant means. Only the fields the YAML set are passed on, so a method's own
+        defaults apply (`method: quik` is per-row symmetric) and an explicit `group_size: null` stays per-row."""
+        return QuantConfig.from_dict(self.model_dump(exclude_unset=True, exclude={"import_"}))
+
     def label(self) -> str:
         if self.import_ is not None:
             return f"import {self.import_.source}"
         if self.is_full_precision:
             return "bf16"
-        g = f"-g{self.group_size}" if self.group_size else ""
-        return f"{self.method}-w{self.bits}{g}"
+        cfg = self.quant_config()
+        g = f"-g{cfg.group_size}" if cfg.group_size else ""
+        return f"{cfg.method}-w{cfg.bits}{g}"
 
 
 class ServedSpec(_Strict):

@@ -29,7 +29,7 @@ from quantsafe.models import ResolvedModel, load_model, resolve_model
 from quantsafe.models.dtype import dtype_name, resolve_dtype
 from quantsafe.models.imported import ImportedCheckpoint, inspect_import, load_imported
 from quantsafe.models.loading import check_model
-from quantsafe.quantization import QuantConfig, load_quantized, quantize_variant
+from quantsafe.quantization import load_quantized, quantize_variant
 from quantsafe.report import compute_scores, render_report, scores_csv
 from quantsafe.report.paper import load_paper_safety, paper_results_path
 from quantsafe.report.scores import apply_correction, pooled_safety_confusion
@@ -60,10 +60,6 @@ def study_prompts(cfg: StudyConfig, data_dir: Path) -> list[Prompt]:
     return list(seen.values())
 
 
-def _quant_config(spec: VariantSpec) -> QuantConfig:
-    return QuantConfig.from_dict(spec.model_dump(exclude_none=True))
-
-
 def _variant(resolved: ResolvedModel, spec: VariantSpec, data_dir: Path, artifacts: Path, dtype: torch.dtype,
              ) -> tuple[VariantRow, Callable[[str], Backend]]:
     """The variant's store row and a loader of its weights in the compute dtype (quantizing first if needed)."""
@@ -73,7 +69,7 @@ def _variant(resolved: ResolvedModel, spec: VariantSpec, data_dir: Path, artifac
                          bits_per_weight=16.0, source_sha256=resolved.source_sha256,
                          dequantized_gguf=resolved.dequantized_gguf, config={"method": "none"})
         return row, lambda name: HFBackend(*load_model(resolved, dtype), name)
-    qcfg = _quant_config(spec)
+    qcfg = spec.quant_config()
     art = quantize_variant(resolved, qcfg, data_dir, artifacts, dtype=dtype)
     row = VariantRow(variant_id=art.artifact_id, model=resolved.name, precision=f"int{qcfg.bits}",
                      method=qcfg.method, bits=qcfg.bits, group_size=qcfg.group_size,
@@ -205,7 +201,7 @@ def _plan(cfg: StudyConfig, out_dir: Path) -> _Plan:
                 raise QuantsafeError(f"study '{cfg.name}', variants.{i}.import: {exc}") from None
         elif not spec.is_full_precision:
             try:
-                _quant_config(spec)
+                spec.quant_config()
             except QuantsafeError as exc:
                 raise QuantsafeError(f"study '{cfg.name}', variants.{i}: {exc}") from None
     dtype = resolve_dtype(cfg.dtype)
