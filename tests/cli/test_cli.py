@@ -177,3 +177,17 @@ def test_judge_validate_heuristic_on_shared_and_own_sets(tmp_path: Path, data_di
 def test_judge_validate_bad_input_is_one_line(data_dir: Path, args: list[str], needle: str) -> None:
     proc = _run("judge", "validate", "--data-dir", str(data_dir), *args)
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_quantize_passes_only_what_was_given() -> None:
+    from quantsafe.cli.main import cli_quant_spec
+    from quantsafe.errors import QuantsafeError
+    from quantsafe.quantization import QuantConfig
+
+    rtn = QuantConfig.from_dict(cli_quant_spec("rtn", 4, 0, None, 128, 512))
+    assert rtn.group_size is None and rtn.calibration is None  # rtn takes no calibration
+    quik = QuantConfig.from_dict(cli_quant_spec("quik", 4, None, '{"outliers": 8}', 16, 256))
+    assert (quik.group_size, quik.sym, quik.options["outliers"]) == (None, True, 8)
+    assert quik.calibration is not None and quik.calibration.n_samples == 16
+    with pytest.raises(QuantsafeError, match=r"^--options: not valid JSON"):
+        cli_quant_spec("gptq", 4, None, "{nope", 16, 256)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -81,30 +81,54 @@ def export_cmd(
 @app.command()
 def quantize(
     model: Annotated[str, typer.Argument(help="Short name, HF directory, .gguf file or hub id.")],
-    method: Annotated[str, typer.Option(help="Quantization method (rtn, gptq, ...).")] = "gptq",
+    method: Annotated[str, typer.Option(help="rtn, gptq, awq, quik, quip_sharp, aqlm, ste, qlora.")] = "gptq",
     bits: Annotated[int, typer.Option(help="Bits per weight code, 2..8.")] = 4,
-    group_size: Annotated[int, typer.Option(help="Group size (0 = per output row).")] = 128,
-    calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    group_size: Annotated[int | None, typer.Option(
+        help="Group size (0 = per output row; default: the method's own).")] = None,
+    options: Annotated[str | None, typer.Option(
+        help='Method options as JSON, e.g. \'{"damp_percent": 0.01}\'.')] = None,
+    config: Annotated[Path | None, typer.Option(help="A quantization config YAML; replaces the options above.")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows (calibrated methods).")] = 128,
     calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
     out: Annotated[Path | None, typer.Option(help="Artifacts root (default: the cache).")] = None,
     data_dir: DataDir = None,
     dtype: Annotated[str, typer.Option(
         help="Dtype of the calibration forward passes: auto (bf16 only where native), bfloat16, float32.")] = "auto",
 ) -> None:
-    """Quantize one model and save the artifact (codes packed, scales, zeros, JSON config)."""
+    """Quantize one model and save the artifact (the method's storage format, JSON manifest)."""
     from quantsafe.datadir import cache_dir, resolve_data_dir
     from quantsafe.models import resolve_model
+    from quantsafe.models.dtype import resolve_dtype
     from quantsafe.quantization import QuantConfig, quantize_variant
 
-    cfg = QuantConfig.from_dict({
-        "method": method, "bits": bits, "group_size": group_size or None,
-        "calibration": {"source": "wikitext2", "n_samples": calib_samples, "seq_len": calib_seq_len}})
-    from quantsafe.models.dtype import resolve_dtype
-
+    if config is not None:
+        cfg = QuantConfig.from_yaml(config)
+    else:
+        cfg = QuantConfig.from_dict(cli_quant_spec(method, bits, group_size, options, calib_samples, calib_seq_len))
     compute = resolve_dtype(dtype)
     art = quantize_variant(resolve_model(model), cfg, resolve_data_dir(data_dir), out or cache_dir() / "artifacts",
                            dtype=compute)
     err.print(f"[green]{art.artifact_id}[/] {art.path} ({art.bits_per_weight:.3f} bits/weight)")
+
+
+def cli_quant_spec(method: str, bits: int, group_size: int | None, options: str | None, calib_samples: int,
+                   calib_seq_len: int) -> dict[str, Any]:
+    """The config mapping `quantsafe quantize` means: only what was given, so a method's own defaults apply."""
+    import json
+
+    from quantsafe.quantization import get_quantizer_class
+
+    spec: dict[str, Any] = {"method": method, "bits": bits}
+    if group_size is not None:
+        spec["group_size"] = group_size or None
+    if options:
+        try:
+            spec["options"] = json.loads(options)
+        except json.JSONDecodeError as exc:
+            raise QuantsafeError(f"--options: not valid JSON ({exc.msg} at character {exc.pos})") from None
+    if get_quantizer_class(method).needs_calibration:
+        spec["calibration"] = {"source": "wikitext2", "n_samples": calib_samples, "seq_len": calib_seq_len}
+    return spec
 
 
 @models_app.command("list")
