@@ -344,6 +344,10 @@ def main() -> None:
         for batch, out in zip(held_batches, held_out, strict=True):
             batch.hidden = out
         print(f"    block {i} done in {time.perf_counter() - start:.0f} s", flush=True)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _machine import machine_info
+
+        doc["machine"], doc["compute_dtype"] = machine_info(), "bfloat16 block forwards; H, losses fp32"
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
