@@ -1,6 +1,6 @@
 """Benchmark data loaders: OpenSafetyMini, XSafety, XSTest, plus sampling, download and a name registry."""
 
-from quantsafe.benchmarks.base import Prompt
+from quantsafe.benchmarks.base import Kind, Prompt
 from quantsafe.benchmarks.download import download_data
 from quantsafe.benchmarks.opensafetymini import (
     EXPECTED_SCENARIO_COUNTS,
@@ -28,6 +28,7 @@ __all__ = [
     "XSAFETY_LANGUAGES",
     "XSAFETY_SCENARIOS",
     "BenchmarkOptions",
+    "Kind",
     "LabelledCompletion",
     "Prompt",
     "check_counts",
