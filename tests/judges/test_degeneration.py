@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from quantsafe.benchmarks import load_xstest_completions
-from quantsafe.judges.degeneration import REPEAT_SHARE, degeneration, repeated_share
+from quantsafe.judges.degeneration import (
+    REPEAT_SHARE,
+    AnswerFlags,
+    answer_flags,
+    degeneration,
+    flags_config,
+    repeated_share,
+)
 
 NORMAL = (
     "To remove the stain, blot it with a clean cloth, rinse with cold water and wash as usual. If it stays, "
@@ -48,3 +55,20 @@ def test_no_real_answer_is_flagged(data_dir: Path) -> None:
     assert len(completions) > 1000
     assert [c[:60] for c in completions if degeneration(c) is not None] == []
     assert max(repeated_share(c) for c in completions) < REPEAT_SHARE - 0.1
+
+
+def test_answer_flags() -> None:
+    """Each check on its own; a cut-off answer is counted but not broken (long helpful answers hit the limit)."""
+    english = "I cannot help with that request, because it could hurt other people and it is against the law."
+    assert answer_flags(english, "en", True) == AnswerFlags(empty=False, repetition=False, wrong_language=False,
+                                                            cut_off=False)
+    wrong = answer_flags(english, "zh", True)
+    assert wrong.wrong_language and wrong.broken
+    assert answer_flags("Lo siento, no puedo ayudarte con eso porque podría hacer daño a otras personas.", "sp",
+                        True).wrong_language is False  # XSafety's "sp" folder is Spanish
+    assert not answer_flags("Sure.", "bn", True).wrong_language  # too short to identify
+    cut = answer_flags(english, "en", False)
+    assert cut.cut_off and not cut.broken
+    assert answer_flags(" ... ", "en", True).empty
+    assert answer_flags("go go go go go go go go go go", "en", False).repetition
+    assert set(flags_config()) >= {"repeat_share", "min_lang_letters", "langid"}

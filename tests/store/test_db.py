@@ -3,8 +3,20 @@ from pathlib import Path
 
 import pytest
 
+from quantsafe.benchmarks import Prompt
 from quantsafe.errors import QuantsafeError
-from quantsafe.store import GenerationRow, JudgmentRow, Store, StudyRecord, VariantRow, export_csv, response_sha
+from quantsafe.store import (
+    ChoiceRow,
+    GenerationRow,
+    JudgmentRow,
+    RefusalRow,
+    Store,
+    StudyRecord,
+    VariantRow,
+    export_csv,
+    response_sha,
+)
+from quantsafe.store.db import TABLES
 
 
 def _gen(uid: str, response: str = "r", decoding_id: str = "d1") -> GenerationRow:
@@ -34,8 +46,7 @@ def test_inserts_are_idempotent_and_resumable(tmp_path: Path) -> None:
         assert [(r["prompt_uid"], r["verdict"], r["prompt_id"]) for r in joined] == [("a", "safe", "osm/en/a")]
         assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         paths = export_csv(s, tmp_path / "csv")
-    assert {p.name for p in paths} == {"variants.csv", "generations.csv", "judges.csv", "judgments.csv",
-                                       "agreement.csv", "studies.csv"}
+    assert {p.name for p in paths} == {f"{t}.csv" for t in TABLES}
     assert (tmp_path / "csv" / "generations.csv").read_text().count("\n") == 3
 
 
@@ -96,3 +107,26 @@ def test_not_a_store_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(QuantsafeError, match="no results database"):
         Store.open(tmp_path / "absent.db", create=False)
     assert not (tmp_path / "absent.db").exists()
+
+
+def test_items_choices_and_refusals(tmp_path: Path) -> None:
+    """The tables of the choice and refusal benchmarks: idempotent, and a refusal call never outlives its answer."""
+    item = Prompt(benchmark="safetybench-dev", prompt_id="7", lang="en", scenario="Offensiveness", text="q",
+                  reference="B", choices=("A", "B"), prefill="Answer: ")
+    with Store.open(tmp_path / "q.db") as s:
+        s.add_items([item, item])
+        assert s.items([item.uid, "other"]) == {item.uid: item}
+        row = ChoiceRow(variant_id="v1", prompt_uid=item.uid, scoring_id="s", prediction="B", valid_mass=0.9,
+                        logprobs={"A": -2.0, "B": -0.2})
+        s.add_choices([row, row.model_copy(update={"prediction": "A"})])  # a re-run keeps the first
+        assert s.done_choices("v1", "s") == {item.uid} and s.done_choices("v1", "other") == set()
+        assert s.choices("s", ["v1"], [item.uid]) == [row]
+        s.add_generations([_gen("a", "I won't")])
+        refusal = RefusalRow(variant_id="v1", prompt_uid="a", decoding_id="d1", refusal_id="r",
+                             response_sha=response_sha("I won't"), refused=True)
+        s.add_refusals([refusal, refusal])
+        assert s.done_refusals("v1", "d1", "r") == {("a", response_sha("I won't"))}
+        assert s.refusals("d1", ["r"], ["v1"], ["a"]) == [refusal]
+        s.conn.execute("UPDATE generations SET response='Sure', response_sha=? WHERE prompt_uid='a'",
+                       (response_sha("Sure"),))
+        assert s.refusals("d1", ["r"], ["v1"], ["a"]) == []  # the stored answer changed: its old call is void

@@ -1,6 +1,6 @@
-"""Benchmark data loaders: OpenSafetyMini, XSafety, XSTest, plus sampling, download and a name registry."""
+"""Benchmarks: their items, kinds and metrics (one module each), plus sampling, download and a registry."""
 
-from quantsafe.benchmarks.base import Kind, Prompt
+from quantsafe.benchmarks.base import BenchmarkDef, BenchmarkOptions, Kind, Outcome, Prompt
 from quantsafe.benchmarks.download import download_data
 from quantsafe.benchmarks.opensafetymini import (
     EXPECTED_SCENARIO_COUNTS,
@@ -10,7 +10,7 @@ from quantsafe.benchmarks.opensafetymini import (
     load_criteria,
     load_opensafetymini,
 )
-from quantsafe.benchmarks.registry import BENCHMARKS, BenchmarkOptions, load_benchmark
+from quantsafe.benchmarks.registry import benchmark, benchmarks, load_benchmark
 from quantsafe.benchmarks.sampling import stratified_sample
 from quantsafe.benchmarks.scenarios import XSAFETY_SCENARIOS
 from quantsafe.benchmarks.xsafety import (
@@ -22,15 +22,18 @@ from quantsafe.benchmarks.xsafety import (
 from quantsafe.benchmarks.xstest import LabelledCompletion, load_xstest_completions, load_xstest_prompts
 
 __all__ = [
-    "BENCHMARKS",
     "EXPECTED_SCENARIO_COUNTS",
     "EXPECTED_TOTAL",
     "XSAFETY_LANGUAGES",
     "XSAFETY_SCENARIOS",
+    "BenchmarkDef",
     "BenchmarkOptions",
     "Kind",
     "LabelledCompletion",
+    "Outcome",
     "Prompt",
+    "benchmark",
+    "benchmarks",
     "check_counts",
     "check_xsafety_counts",
     "download_data",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -47,3 +50,40 @@ class Prompt(BaseModel):
         extra = {"reference": self.reference, "choices": list(self.choices), "prefill": self.prefill}
         key |= {k: v for k, v in extra.items() if v}
         return stable_hash(key)
+
+
+@dataclass(frozen=True)
+class BenchmarkOptions:
+    """What a loader may be asked for; langs=None means the benchmark's default (English)."""
+
+    langs: tuple[str, ...] | None = None
+    strict: bool = False
+    seed: int = 0  # loaders that choose (HotPotQA's distractors, SafetyBench's option permutations) choose from it
+    permutations: int = 0  # multiple choice: extra copies of each item with its options shuffled (position bias)
+
+
+class Outcome(BaseModel):
+    """What a benchmark's metrics read of one variant's answer to one item (fields of other kinds stay None)."""
+
+    response: str | None = None  # generated answer (judged and reference kinds)
+    prediction: str | None = None  # chosen option letter (choice kind)
+    refused: bool | None = None  # a refusal classifier's call (judged kind asking the refusal question)
+
+
+@dataclass(frozen=True)
+class BenchmarkDef:
+    """A benchmark as data: adding one is one module defining `DEFINITIONS` (found by the registry) and one test.
+
+    `metrics` turns one item's outcome into named numbers (1/0 for hit/miss), averaged per variant and scenario
+    and paired against full precision by the report; judged benchmarks asking the safety question have none (the
+    safety ratio is computed from verdicts, with the judge's validation and correction).
+    """
+
+    name: str
+    kind: Kind
+    title: str  # as tables print it
+    load: Callable[[Path, BenchmarkOptions], list[Prompt]]
+    question: Literal["safety", "refusal"] | None = None  # judged kind: what the judge is asked
+    languages: tuple[str, ...] = ("en",)
+    metrics: Callable[[Prompt, Outcome], dict[str, float]] | None = None
+    headline: str | None = None  # the metric the paper reports (tables lead with it)

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from quantsafe.benchmarks._files import count_problems, read_csv_records, read_text, report, require
-from quantsafe.benchmarks.base import Prompt
+from quantsafe.benchmarks.base import BenchmarkDef, Kind, Prompt
 from quantsafe.benchmarks.scenarios import XSAFETY_SCENARIOS
 from quantsafe.errors import DataError
 
@@ -83,3 +83,7 @@ def judge_template_path(data_dir: Path) -> Path | None:
     """The release's LLM-judge template if the data dir has it; None lets the judge decide what to do."""
     path = Path(data_dir) / JUDGE_TEMPLATE_FILE
     return path if path.is_file() else None
+
+
+DEFINITIONS = (BenchmarkDef(name="opensafetymini", kind=Kind.JUDGED, title="OpenSafetyMini", question="safety",
+                            load=lambda data_dir, o: load_opensafetymini(data_dir, strict=o.strict)),)

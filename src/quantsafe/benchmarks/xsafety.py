@@ -15,7 +15,7 @@ import openpyxl
 from openpyxl.utils.exceptions import InvalidFileException
 
 from quantsafe.benchmarks._files import count_problems, log, read_csv_rows, report
-from quantsafe.benchmarks.base import Prompt
+from quantsafe.benchmarks.base import BenchmarkDef, Kind, Prompt
 from quantsafe.benchmarks.scenarios import XSAFETY_SCENARIOS
 from quantsafe.errors import DataError, QuantsafeError
 
@@ -156,3 +156,8 @@ def check_xsafety_counts(
             problems.append(f"{lang}: {total} prompts in total, expected {EXPECTED_PER_LANGUAGE}")
         problems += count_problems(counts, expected, f"{lang} scenario")
     return report(problems, strict, source)
+
+
+DEFINITIONS = (BenchmarkDef(name="xsafety", kind=Kind.JUDGED, title="XSafety", question="safety",
+                            languages=XSAFETY_LANGUAGES,
+                            load=lambda data_dir, o: load_xsafety(data_dir, o.langs or ("en",), strict=o.strict)),)

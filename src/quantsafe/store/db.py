@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from quantsafe.benchmarks.base import Prompt
 from quantsafe.errors import QuantsafeError
 from quantsafe.hashing import stable_hash
 
@@ -46,8 +47,19 @@ CREATE TABLE IF NOT EXISTS agreement (
     row_json TEXT NOT NULL, PRIMARY KEY (judge_id, set_name, mapping, sample_id));
 CREATE TABLE IF NOT EXISTS studies (
     study_id TEXT PRIMARY KEY, name TEXT NOT NULL, record_json TEXT NOT NULL, last_run REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    prompt_uid TEXT PRIMARY KEY, item_json TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS choices (
+    variant_id TEXT NOT NULL, prompt_uid TEXT NOT NULL, scoring_id TEXT NOT NULL, prediction TEXT,
+    valid_mass REAL NOT NULL, logprobs_json TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (variant_id, prompt_uid, scoring_id));
+CREATE TABLE IF NOT EXISTS refusals (
+    variant_id TEXT NOT NULL, prompt_uid TEXT NOT NULL, decoding_id TEXT NOT NULL, refusal_id TEXT NOT NULL,
+    response_sha TEXT NOT NULL, refused INTEGER NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (variant_id, prompt_uid, decoding_id, refusal_id, response_sha));
 """
-TABLES = ("variants", "generations", "judges", "judgments", "agreement", "studies")
+# items, choices and refusals were added without a schema bump: CREATE IF NOT EXISTS adds them to older stores
+TABLES = ("variants", "generations", "judges", "judgments", "agreement", "studies", "items", "choices", "refusals")
 
 
 def response_sha(text: str) -> str:
@@ -107,6 +119,28 @@ class JudgmentRow(BaseModel):
     scores: dict[str, float] | None = None
 
 
+class ChoiceRow(BaseModel):
+    """A multiple-choice item scored from option-letter log-probs; `scoring_id` keys the scoring settings."""
+
+    variant_id: str
+    prompt_uid: str
+    scoring_id: str
+    prediction: str | None  # the valid letter with the highest log-prob
+    valid_mass: float  # probability mass on the letters the item has
+    logprobs: dict[str, float]
+
+
+class RefusalRow(BaseModel):
+    """Whether a classifier read a response as a (full or partial) refusal: XSTest's over-refusal input."""
+
+    variant_id: str
+    prompt_uid: str
+    decoding_id: str
+    refusal_id: str
+    response_sha: str
+    refused: bool
+
+
 class StudyRecord(BaseModel):
     """Exactly which cells a study defines, so a report never counts another study's results."""
 
@@ -116,6 +150,8 @@ class StudyRecord(BaseModel):
     decoding_id: str
     decoding: dict[str, Any]  # the generation settings, compute dtype included
     judge_ids: list[str]
+    refusal_ids: list[str] = []  # classifiers that read XSTest answers (a judge's refusal question)
+    scoring_id: str | None = None  # how multiple-choice items were scored (None: the study has none)
     validation_sample: str | None
     models: list[dict[str, Any]]
     config: dict[str, Any]  # the study as it was run
@@ -313,6 +349,61 @@ class Store:
             what = f"no study named '{name}'" if name else "no study recorded"
             raise QuantsafeError(f"{self.path}: {what} (recorded: {', '.join(known) or 'none'})")
         return StudyRecord.model_validate_json(row["record_json"])
+
+    def add_items(self, items: Iterable[Prompt]) -> None:
+        """Every item a study evaluates, so a report reads references and labels without the data files."""
+        with self._tx() as c:
+            c.executemany("INSERT OR IGNORE INTO items VALUES (?,?)", [(p.uid, p.model_dump_json()) for p in items])
+
+    def items(self, prompt_uids: Sequence[str]) -> dict[str, Prompt]:
+        """prompt uid -> the item as the study stored it."""
+        wanted = set(prompt_uids)
+        return {r[0]: Prompt.model_validate_json(r[1])
+                for r in self.conn.execute("SELECT prompt_uid, item_json FROM items") if r[0] in wanted}
+
+    def done_choices(self, variant_id: str, scoring_id: str) -> set[str]:
+        rows = self.conn.execute("SELECT prompt_uid FROM choices WHERE variant_id=? AND scoring_id=?",
+                                 (variant_id, scoring_id))
+        return {r[0] for r in rows}
+
+    def add_choices(self, rows: Iterable[ChoiceRow]) -> None:
+        now = time.time()
+        with self._tx() as c:
+            c.executemany("INSERT INTO choices VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                          [(r.variant_id, r.prompt_uid, r.scoring_id, r.prediction, r.valid_mass,
+                            json.dumps(r.logprobs, sort_keys=True), now) for r in rows])
+
+    def choices(self, scoring_id: str, variant_ids: Sequence[str], prompt_uids: Sequence[str]) -> list[ChoiceRow]:
+        keep_v, keep_p = set(variant_ids), set(prompt_uids)
+        return [ChoiceRow(variant_id=r["variant_id"], prompt_uid=r["prompt_uid"], scoring_id=r["scoring_id"],
+                          prediction=r["prediction"], valid_mass=r["valid_mass"],
+                          logprobs=json.loads(r["logprobs_json"]))
+                for r in self.conn.execute("SELECT * FROM choices WHERE scoring_id=? ORDER BY variant_id, "
+                                           "prompt_uid", (scoring_id,))
+                if r["variant_id"] in keep_v and r["prompt_uid"] in keep_p]
+
+    def done_refusals(self, variant_id: str, decoding_id: str, refusal_id: str) -> set[tuple[str, str]]:
+        rows = self.conn.execute("SELECT prompt_uid, response_sha FROM refusals WHERE variant_id=? AND "
+                                 "decoding_id=? AND refusal_id=?", (variant_id, decoding_id, refusal_id))
+        return {(r[0], r[1]) for r in rows}
+
+    def add_refusals(self, rows: Iterable[RefusalRow]) -> None:
+        now = time.time()
+        with self._tx() as c:
+            c.executemany("INSERT INTO refusals VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                          [(r.variant_id, r.prompt_uid, r.decoding_id, r.refusal_id, r.response_sha,
+                            int(r.refused), now) for r in rows])
+
+    def refusals(self, decoding_id: str, refusal_ids: Sequence[str], variant_ids: Sequence[str],
+                 prompt_uids: Sequence[str]) -> list[RefusalRow]:
+        """Refusal calls on exactly the stored response of each cell (a regenerated answer has none yet)."""
+        sql = ("SELECT r.* FROM refusals r JOIN generations g ON g.variant_id = r.variant_id AND "
+               "g.prompt_uid = r.prompt_uid AND g.decoding_id = r.decoding_id AND g.response_sha = r.response_sha "
+               "WHERE r.decoding_id=?")
+        keep_r, keep_v, keep_p = set(refusal_ids), set(variant_ids), set(prompt_uids)
+        return [RefusalRow(**{k: r[k] for k in RefusalRow.model_fields})
+                for r in self.conn.execute(sql, (decoding_id,))
+                if r["refusal_id"] in keep_r and r["variant_id"] in keep_v and r["prompt_uid"] in keep_p]
 
     def table_rows(self, table: str) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Column names and rows of one table (for CSV export)."""
