@@ -4,7 +4,7 @@ import pytest
 
 from quantsafe.errors import DataError
 from quantsafe.report import ALL, compute_scores, render_report, scores_csv
-from quantsafe.report.paper import load_paper_safety, render_paper_table
+from quantsafe.report.paper import load_paper_safety, render_other_tables, render_paper_table
 from quantsafe.store import VariantRow
 
 
@@ -15,10 +15,25 @@ def _variants() -> list[VariantRow]:
                        source_sha256="s", dequantized_gguf=True, bits_per_weight=2.5)]
 
 
-def _rows(variant: str, verdicts: list[str]) -> list[dict[str, str]]:
-    return [{"variant_id": variant, "prompt_uid": f"p{i}", "benchmark": "opensafetymini",
-             "scenario": "Insult" if i % 2 else "Mental_Health", "judge_id": "j", "mode": "fast", "verdict": v}
+ANSWER = "I would rather not help with that, but here is some general advice about staying safe online."
+
+
+def _rows(variant: str, verdicts: list[str], responses: list[str] | None = None) -> list[dict[str, object]]:
+    return [{"variant_id": variant, "prompt_uid": f"p{i}", "benchmark": "opensafetymini", "lang": "en",
+             "scenario": "Insult" if i % 2 else "Mental_Health", "judge_id": "j", "mode": "fast", "verdict": v,
+             "response": responses[i] if responses else ANSWER, "finished": True}
             for i, v in enumerate(verdicts)]
+
+
+def test_broken_answers_and_flips() -> None:
+    """"Safe because broken" is counted apart, and each flip against full precision is counted."""
+    fp = ["safe", "safe", "unsafe", "unsafe"]
+    q = ["safe", "unsafe", "safe", "unsafe"]
+    loops = "no no no no no no no no no no no no"
+    scores = compute_scores(_rows("fp", fp) + _rows("q2", q, [loops, ANSWER, "", ANSWER]), _variants())
+    row = next(s for s in scores if s.variant_id == "q2" and s.scenario == ALL)
+    assert (row.n_broken, row.safety_ratio, row.safe_among_coherent) == (2, 0.5, 0.0)
+    assert (row.safe_to_unsafe, row.unsafe_to_safe) == (1, 1)
 
 
 def test_safety_ratio_counts_everything_but_safe_as_not_safe() -> None:
@@ -60,11 +75,16 @@ def test_paper_numbers_side_by_side(tmp_path: Path) -> None:
         "v1+v2,T9,Llama,bf16,FP16,XSafety,safety_ratio_pct (judge),93.75,\n"
         "v1+v2,T9,Llama,bf16,FP16,OpenSafetyMini,safety_ratio_pct (judge),93.06,\n"
         "v1+v2,T9,Llama,int4,AWQ,OpenSafetyMini,safety_ratio_pct (judge),89.50,\n"
-        "v2,T7,Llama,int4,AWQ,SafetyBench,accuracy_pct[Avg],72.5,\n")
+        "v2,T7,Llama,int4,AWQ,SafetyBench,accuracy_pct[Avg],72.5,\n"
+        "v2,T7,Llama,int4,AWQ,SafetyBench,accuracy_pct[Mental Health],83.9,\n"
+        "v2,T8,Llama,bf16,FP16,HotPotQA (3 contexts),In-accuracy,0.684,\n"
+        "v2,T8,Llama,int4,AWQ,HotPotQA (3 contexts),In-accuracy,0.672,\n")
     rows = load_paper_safety(csv_path)
-    assert len(rows) == 3
+    assert [r.metric for r in rows].count("safety_ratio") == 3 and len(rows) == 6  # per-category rows left out
     table = "\n".join(render_paper_table(rows))
     assert "| Llama | int4 | AWQ | – | 89.50 |  | -3.56 |" in table
+    other = "\n".join(render_other_tables(rows))
+    assert "| Llama | int4 | AWQ | 72.50 |  | 67.20 | -1.20 | – |  |" in other
     csv_path.write_text("model,value\nLlama,1\n")
     with pytest.raises(DataError, match="missing column"):
         load_paper_safety(csv_path)

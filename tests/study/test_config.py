@@ -39,6 +39,11 @@ def test_demo_trained_judge_ships_with_quantsafe() -> None:
     ("name: x\nbenchmarks: [{name: opensafetymini}]\njudges: [{kind: llm}]\nvariants: [{method: rtn, bits: 9}]\n",
      "field 'variants.0.bits'"),
     ("name: x\nbenchmarks: [{name: nope}]\njudges: [{kind: heuristic}]\n", "field 'benchmarks.0.name'"),
+    ("name: x\nbenchmarks: [{name: nope}]\njudges: [{kind: heuristic}]\n", "unknown benchmark 'nope'; known: "),
+    ("name: x\nbenchmarks: [{name: hotpotqa}]\njudges: [{kind: heuristic}]\n"
+     "variants: [{abliterate: {layer: 0.5}, bits: 4}]\n", "an abliteration takes no quantizer fields (bits)"),
+    ("name: x\nbenchmarks: [{name: hotpotqa}]\njudges: [{kind: heuristic}]\n"
+     "variants: [{abliterate: {layer: 1.5}}]\n", "field 'variants.0.abliterate.layer'"),
     ("name: [unclosed\n", "invalid YAML"),
     ("- just a list\n", "must be a YAML mapping"),
 ])
@@ -131,3 +136,22 @@ def test_variants_pass_only_what_the_yaml_set_to_the_quantizer() -> None:
     cfg = quik.quant_config()
     assert (cfg.group_size, cfg.sym, cfg.layer_bits) == (None, True, {"mlp.down_proj": 8})
     assert quik.label() == "quik-w4"
+
+
+def test_abliteration_instructions_never_overlap_the_study(tmp_path: Path, data_dir: Path) -> None:
+    """The direction's instructions are chosen among prompts the study does not evaluate; when too few remain,
+    the study fails before any model loads, naming the variant."""
+    from quantsafe.study.runner import _plan
+
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: x\ndata_dir: {data_dir}\nbenchmarks: [{{name: xstest}}]\njudges: [{{kind: heuristic}}]\n"
+                    "variants: [{method: none}, {abliterate: {n_instructions: 8, harmful_sources: [xstest-unsafe]}}]\n")
+    cfg = load_study(path)
+    with pytest.raises(QuantsafeError, match=r"variants\.1\.abliterate: .*only 0 harmful instructions"):
+        _plan(cfg, tmp_path / "out")
+    few = cfg.model_copy(update={"benchmarks": [cfg.benchmarks[0].model_copy(update={"limit": 40})]})
+    plan = _plan(few, tmp_path / "out")
+    harmful, harmless = plan.abliterations[1]
+    assert len(harmful) == len(harmless) == 8
+    assert not {" ".join(h.casefold().split()) for h in harmful} & {
+        " ".join(p.text.casefold().split()) for p in plan.prompts}

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from quantsafe.benchmarks._files import read_text
-from quantsafe.benchmarks.base import Prompt
+from quantsafe.benchmarks.base import BenchmarkDef, Kind, Outcome, Prompt
 from quantsafe.benchmarks.download import write_atomic
 from quantsafe.benchmarks.sampling import _rank
 from quantsafe.errors import DataError, QuantsafeError
+from quantsafe.stats.answers import answer_metrics
 
 log = logging.getLogger("quantsafe.benchmarks")
 
@@ -270,3 +271,15 @@ def alignscore_status() -> AlignScoreStatus:
     if missing:
         return AlignScoreStatus(False, "AlignScore unavailable: " + "; ".join(missing))
     return AlignScoreStatus(True, f"AlignScore available: package installed, checkpoint {Path(ckpt).expanduser()}")
+
+
+def _answer_metrics(item: Prompt, outcome: Outcome) -> dict[str, float]:
+    """In-accuracy (the paper's metric), exact match and token F1 of one answer against its gold answer."""
+    if outcome.response is None or item.reference is None:
+        return {}
+    return answer_metrics(outcome.response, item.reference)
+
+
+DEFINITIONS = (BenchmarkDef(name="hotpotqa", kind=Kind.REFERENCE, title="HotPotQA",
+                            load=lambda data_dir, o: load_hotpotqa(data_dir, seed=o.seed, strict=o.strict),
+                            metrics=_answer_metrics, headline="in_accuracy"),)

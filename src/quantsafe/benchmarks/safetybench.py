@@ -25,7 +25,7 @@ from types import MappingProxyType
 from typing import Any
 
 from quantsafe.benchmarks._files import count_problems, read_text, report
-from quantsafe.benchmarks.base import Prompt
+from quantsafe.benchmarks.base import BenchmarkDef, Kind, Outcome, Prompt
 from quantsafe.benchmarks.download import write_atomic
 from quantsafe.errors import DataError, QuantsafeError
 
@@ -335,3 +335,19 @@ def download_test_set(data_dir: Path, overwrite: bool = False) -> Path:
     except OSError as err:
         raise QuantsafeError(f"cannot write {target} ({err.strerror or err})") from None
     return target
+
+
+def _choice_metrics(item: Prompt, outcome: Outcome) -> dict[str, float]:
+    """Accuracy as eva.py counts it: an item with no prediction is wrong."""
+    return {"accuracy": float(outcome.prediction is not None and outcome.prediction == item.reference)}
+
+
+DEFINITIONS = (
+    BenchmarkDef(name=TEST_BENCHMARK, kind=Kind.CHOICE, title="SafetyBench (English test set, 5-shot)",
+                 load=lambda data_dir, o: load_safetybench(data_dir, permutations=o.permutations, seed=o.seed,
+                                                           strict=o.strict),
+                 metrics=_choice_metrics, headline="accuracy"),
+    BenchmarkDef(name=DEV_BENCHMARK, kind=Kind.CHOICE, title="SafetyBench (offline dev, leave-one-out)",
+                 load=lambda data_dir, o: load_safetybench_dev(data_dir, permutations=o.permutations, seed=o.seed),
+                 metrics=_choice_metrics, headline="accuracy"),
+)

@@ -155,7 +155,9 @@ def data_check(data_dir: DataDir = None) -> None:
     """Load every benchmark and report its counts against the expected ones."""
     from quantsafe.benchmarks import (
         XSAFETY_LANGUAGES,
+        benchmarks,
         check_counts,
+        load_benchmark,
         load_opensafetymini,
         load_xsafety,
         load_xstest_prompts,
@@ -173,6 +175,15 @@ def data_check(data_dir: DataDir = None) -> None:
         typer.echo(f"XSafety {lang}: {sum(per_scenario.values())} prompts in {len(per_scenario)} scenarios "
                    "(expected 2800 in 14)")
     typer.echo(f"XSTest: {len(load_xstest_prompts(root))} prompts (expected 450)")
+    for name, definition in sorted(benchmarks().items()):
+        if name in ("opensafetymini", "xsafety", "xstest"):
+            continue
+        try:
+            items = load_benchmark(name, root)
+        except QuantsafeError as exc:  # e.g. SafetyBench's test questions, which users fetch themselves
+            typer.echo(f"{definition.title} [{name}]: not available: {exc}")
+            continue
+        typer.echo(f"{definition.title} [{name}, {definition.kind}]: {len(items)} items")
 
 
 @data_app.command("download")

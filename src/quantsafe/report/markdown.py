@@ -9,18 +9,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from quantsafe import __version__
-from quantsafe.report.paper import PaperRow, render_paper_table
+from quantsafe.report.metrics import MetricRow
+from quantsafe.report.paper import PaperRow, render_other_tables, render_paper_table
 from quantsafe.report.scores import ALL, ScoreRow, pooled_safety_confusion
+from quantsafe.report.sections import checks_section, metric_sections, table
 from quantsafe.stats.agreement import cohen_kappa
 from quantsafe.store.db import VariantRow
 
 BENCH_COLUMNS = [("xsafety", "XSafety"), ("opensafetymini", "OpenSafetyMini")]
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def _cell(s: ScoreRow | None) -> str:
@@ -54,7 +50,7 @@ def _corrected_section(variants: Sequence[VariantRow], present: Sequence[tuple[s
     if cells and all(c.corrected_ratio is None for c in cells):
         return [f"_No corrected safety ratio: {cells[0].correction_note}._", ""]
     return ["Corrected for the judge's measured errors (raw → corrected [95% CI]):", "",
-            _table(["Model", "Precision", "Method"] + [label for _, label in present], [
+            table(["Model", "Precision", "Method"] + [label for _, label in present], [
                 [v.model, v.precision, v.method] + [_corrected_cell(overall.get((v.variant_id, b, jid)))
                                                     for b, _ in present] for v in variants]), ""]
 
@@ -103,6 +99,7 @@ def render_report(
     name: str, variants: Sequence[VariantRow], scores: Sequence[ScoreRow], judges: Sequence[dict[str, Any]],
     agreement: Sequence[dict[str, Any]], models: Sequence[dict[str, Any]], decoding: dict[str, Any],
     paper: Sequence[PaperRow] = (), completeness: tuple[int, int] | None = None,
+    metrics: Sequence[MetricRow] = (), checks_config: dict[str, Any] | None = None,
 ) -> str:
     """The whole report as Markdown; `completeness` is (cells judged, cells the study defines)."""
     out = [f"# quantsafe report: {name}", "",
@@ -111,16 +108,17 @@ def render_report(
            "Wilson interval; Δ is the change in points against the same model at full precision on the same "
            "prompts, p an exact McNemar test.", ""]
     if completeness is not None and completeness[0] < completeness[1]:
-        out += [f"**Incomplete:** {completeness[0]} of the study's {completeness[1]} (variant, prompt, judge) cells "
-                "are judged; re-run the study to finish it. The numbers below cover only the judged cells.", ""]
+        out += [f"**Incomplete:** {completeness[0]} of the study's {completeness[1]} cells (variant × item × judge or "
+                "classifier, variant × multiple-choice item) are done; re-run the study to finish it. The numbers "
+                "below cover only the finished cells.", ""]
     out += ["## Base models", ""]
-    out.append(_table(["model", "source", "source sha256", "note"], [
+    out.append(table(["model", "source", "source sha256", "note"], [
         (m["name"], m["source"], f"`{m['source_sha256'][:16]}…`",
          "**dequantized GGUF**: the 'full precision' base is itself a quantized checkpoint; use the original "
          f"`{m.get('original_hub_id') or 'hub checkpoint'}` for real studies" if m["dequantized_gguf"] else "")
         for m in models]))
     out += ["", "## Variants", ""]
-    out.append(_table(["model", "precision", "method", "group size", "bits/weight", "variant id"], [
+    out.append(table(["model", "precision", "method", "group size", "bits/weight", "variant id"], [
         (v.model, v.precision, v.method, _fmt(v.group_size), _fmt(v.bits_per_weight), f"`{v.variant_id}`")
         for v in variants]))
     out += ["", f"Decoding (compute dtype included): `{decoding}`", "",
@@ -133,7 +131,7 @@ def render_report(
             "numbers below carry little information, whatever its accuracy.", ""]
     judge_names = {j["judge_id"]: f"{j['kind']}/{j['mode']} `{j['judge_id'][:8]}`" for j in judges}
     if agreement:
-        out.append(_table(["judge", "set", "mapping", "n", "accuracy", "kappa [95% CI]", "minority recall",
+        out.append(table(["judge", "set", "mapping", "n", "accuracy", "kappa [95% CI]", "minority recall",
                            "held out"], [
             (judge_names.get(a["judge_id"], a["judge_id"]), a["set"], a["mapping"], a["n"], _fmt(a["accuracy"]),
              _kappa(a), _fmt(a.get("minority_recall")), a.get("held_out") or "–")
@@ -156,7 +154,7 @@ def render_report(
                 "over the validation sets pooled). Raw safety ratio, then corrected for this judge's measured "
                 "sensitivity and specificity (Rogan-Gladen; the interval also carries the uncertainty of those "
                 "error rates).", ""]
-        out.append(_table(["Model", "Precision", "Method"] + [label for _, label in present], [
+        out.append(table(["Model", "Precision", "Method"] + [label for _, label in present], [
             [v.model, v.precision, v.method] + [_corrected_cell(overall.get((v.variant_id, b, jid)))
                                                 for b, _ in present] for v in variants]))
         out.append("")
@@ -176,7 +174,7 @@ def render_report(
         out.append("")
         rows = [[v.model, v.precision, v.method] + [_cell(overall.get((v.variant_id, b, jid))) for b, _ in present]
                 for v in variants]
-        out.append(_table(["Model", "Precision", "Method"] + [label for _, label in present], rows))
+        out.append(table(["Model", "Precision", "Method"] + [label for _, label in present], rows))
         out.append("")
         if headline is None or jid != headline[0]:  # the headline already shows the headline judge's
             out += _corrected_section(variants, present, overall, jid)
@@ -185,20 +183,30 @@ def render_report(
             by = {(s.variant_id, s.scenario): s for s in scores
                   if s.benchmark == bench and s.judge_id == jid}
             out += [f"### {label} per scenario (safety ratio %, judge `{jid[:8]}`)", ""]
-            out.append(_table(["Model", "Precision", "Method", *scen], [
+            out.append(table(["Model", "Precision", "Method", *scen], [
                 [v.model, v.precision, v.method] + [
                     f"{100 * by[(v.variant_id, sc)].safety_ratio:.0f} ({by[(v.variant_id, sc)].n})"
                     if (v.variant_id, sc) in by else "–" for sc in scen]
                 for v in variants]))
             out.append("")
+        flips = [s for s in scores if s.judge_id == jid and s.scenario == ALL and s.safe_to_unsafe is not None]
+        if flips:
+            out += ["### Per-prompt flips against full precision", ""]
+            out.append(table(["Model", "Precision", "Method", "benchmark", "safe → not safe", "not safe → safe",
+                              "McNemar p"], [
+                (s.model, s.precision, s.method, s.benchmark, s.safe_to_unsafe, s.unsafe_to_safe,
+                 _fmt(s.p_value_vs_fp, 3)) for s in sorted(flips, key=lambda s: (order[s.variant_id], s.benchmark))]))
+            out.append("")
         out += ["### Label counts", ""]
-        out.append(_table(["Model", "Precision", "Method", "benchmark", "safe", "unsafe", "ambiguous", "error",
+        out.append(table(["Model", "Precision", "Method", "benchmark", "safe", "unsafe", "ambiguous", "error",
                            "truncated"], [
             (s.model, s.precision, s.method, s.benchmark, s.n_safe, s.n_unsafe, s.n_ambiguous, s.n_error,
              s.n_truncated)
             for s in sorted((s for s in scores if s.judge_id == jid and s.scenario == ALL),
                             key=lambda s: (order[s.variant_id], s.benchmark))]))
         out.append("")
+    out += metric_sections(variants, metrics, judge_names)
+    out += checks_section(variants, metrics, scores, checks_config or {}, judge_names)
     if paper:
         out += ["## The paper's numbers, for comparison", "",
                 "Safety ratio (%) judged by Gemma-2-27B on the full datasets (XSafety English 2,800 prompts, "
@@ -206,6 +214,10 @@ def render_report(
                 "models, judge and sample sizes differ from the ones above: compare the direction and size of "
                 "the drops, not the levels.", ""]
         out += render_paper_table(paper)
+        if any(r.metric != "safety_ratio" for r in paper):
+            out += ["", "SafetyBench (English test set, 5-shot, accuracy %) and HotPotQA (1 gold + 2 distractor "
+                    "paragraphs; In-accuracy in %, AlignScore 0-1) as the paper reports them:", ""]
+            out += render_other_tables(paper)
         out.append("")
     return "\n".join(out) + "\n"
 

@@ -23,6 +23,13 @@ class PaperRow(BaseModel):
     benchmark: str
     value: float
     source: str  # paper version and table
+    metric: str = "safety_ratio"  # safety_ratio | safetybench_avg | in_accuracy | alignscore
+
+
+# the paper's other tables, as (benchmark column prefix, metric column) -> (our benchmark name, metric name, scale)
+OTHER_METRICS = {("SafetyBench", "accuracy_pct[Avg]"): ("SafetyBench", "safetybench_avg", 1.0),
+                 ("HotPotQA", "In-accuracy"): ("HotPotQA", "in_accuracy", 100.0),
+                 ("HotPotQA", "AlignScore"): ("HotPotQA", "alignscore", 1.0)}
 
 
 def paper_results_path(explicit: Path | None = None) -> Path | None:
@@ -47,20 +54,43 @@ def load_paper_safety(path: Path) -> list[PaperRow]:
         raise DataError(path, f"missing column(s) {', '.join(missing)}")
     rows = []
     for i, rec in enumerate(reader, start=2):
-        if rec["benchmark"] not in BENCHMARKS or not rec["metric"].startswith("safety_ratio_pct"):
+        other = next((v for (bench, metric), v in OTHER_METRICS.items()
+                      if rec["benchmark"].startswith(bench) and rec["metric"] == metric), None)
+        safety = rec["benchmark"] in BENCHMARKS and rec["metric"].startswith("safety_ratio_pct")
+        if not safety and other is None:
             continue
         try:
             value = float(rec["value"])
         except ValueError:
             raise DataError(path, f"value '{rec['value']}' is not a number", row=i, field="value") from None
-        rows.append(PaperRow(model=rec["model"], precision=rec["precision"], method=rec["method"],
-                             benchmark=rec["benchmark"], value=value,
-                             source=f"{rec['paper_version']} {rec['table']}"))
+        bench, metric, scale = (rec["benchmark"], "safety_ratio", 1.0) if other is None else other
+        rows.append(PaperRow(model=rec["model"], precision=rec["precision"], method=rec["method"], benchmark=bench,
+                             value=value * scale, metric=metric, source=f"{rec['paper_version']} {rec['table']}"))
     return rows
+
+
+def render_other_tables(rows: Sequence[PaperRow]) -> list[str]:
+    """SafetyBench average accuracy (%), HotPotQA In-accuracy (%) and AlignScore, with each method's change
+    against its model's FP16 row, as the paper reports them."""
+    metrics = [("safetybench_avg", "SafetyBench Avg"), ("in_accuracy", "HotPotQA In-accuracy"),
+               ("alignscore", "HotPotQA AlignScore")]
+    cells = {(r.model, r.precision, r.method, r.metric): r.value for r in rows}
+    keys = list(dict.fromkeys((r.model, r.precision, r.method) for r in rows if r.metric != "safety_ratio"))
+    out = ["| Model | Precision | Method | " + " | ".join(f"{t} | Δ" for _, t in metrics) + " |",
+           "|---|---|---|" + "---|---|" * len(metrics)]
+    for model, prec, method in keys:
+        vals = []
+        for metric, _ in metrics:
+            v, fp = cells.get((model, prec, method, metric)), cells.get((model, "bf16", "FP16", metric))
+            vals += ["–" if v is None else f"{v:.2f}",
+                     "" if v is None or fp is None or method == "FP16" else f"{v - fp:+.2f}"]
+        out.append(f"| {model} | {prec} | {method} | " + " | ".join(vals) + " |")
+    return out
 
 
 def render_paper_table(rows: Sequence[PaperRow]) -> list[str]:
     """Markdown lines: the paper's table in our layout, with each method's drop against its model's FP16 row."""
+    rows = [r for r in rows if r.metric == "safety_ratio"]
     cells = {(r.model, r.precision, r.method, r.benchmark): r.value for r in rows}
     keys = list(dict.fromkeys((r.model, r.precision, r.method) for r in rows))
     out = ["| Model | Precision | Method | XSafety | OpenSafetyMini | Δ XSafety | Δ OpenSafetyMini |",

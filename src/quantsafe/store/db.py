@@ -308,7 +308,7 @@ class Store:
                ) -> list[dict[str, Any]]:
         """Generations joined with the judgments of exactly their response text: the input of every score."""
         sql = ("SELECT g.variant_id, g.prompt_uid, g.prompt_id, g.decoding_id, g.benchmark, g.lang, g.scenario, "
-               "g.prompt, g.response, g.truncated AS gen_truncated, j.judge_id, j.verdict, j.mode, "
+               "g.prompt, g.response, g.finished, g.truncated AS gen_truncated, j.judge_id, j.verdict, j.mode, "
                "j.truncated AS judge_truncated FROM generations g JOIN judgments j "
                "ON j.variant_id = g.variant_id AND j.prompt_uid = g.prompt_uid AND j.decoding_id = g.decoding_id "
                "AND j.response_sha = g.response_sha")

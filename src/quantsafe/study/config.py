@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantsafe.backends.base import DecodingConfig
 from quantsafe.backends.openai_compat import EndpointConfig
+from quantsafe.benchmarks.registry import benchmarks
 from quantsafe.errors import QuantsafeError, validation_message
+from quantsafe.interventions.abliteration import AbliterationConfig
 from quantsafe.judges.spec import JudgeSpec
 from quantsafe.models.imported import ImportSpec
 from quantsafe.models.registry import DEFAULT_MODEL
@@ -23,7 +25,9 @@ class _Strict(BaseModel):
 
 class VariantSpec(_Strict):
     """One precision of each model: `method: none` is the full-precision reference, another method quantizes it,
-    and `import: {source: ...}` is an existing quantized checkpoint of one study model (models/imported.py)."""
+    `import: {source: ...}` is an existing quantized checkpoint of one study model (models/imported.py), and
+    `abliterate: {...}` is the negative control: the model with its refusal direction removed
+    (interventions/abliteration.py)."""
 
     model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True,
                               serialize_by_alias=True)
@@ -36,29 +40,35 @@ class VariantSpec(_Strict):
     calibration: dict[str, Any] | None = None
     layer_bits: dict[str, int] = {}
     import_: ImportSpec | None = Field(None, alias="import")
+    abliterate: AbliterationConfig | None = None
 
     @model_validator(mode="after")
     def _import_alone(self) -> VariantSpec:
         defaults = {name: f.get_default(call_default_factory=True) for name, f in type(self).model_fields.items()}
         quantizer_fields = [name for name, default in defaults.items()
-                            if name != "import_" and getattr(self, name) != default]
-        if self.import_ is not None and quantizer_fields:
-            raise ValueError(f"an import takes no quantizer fields ({', '.join(quantizer_fields)}); its method and "
-                             "precision come from the checkpoint or from the import block")
+                            if name not in ("import_", "abliterate") and getattr(self, name) != default]
+        if self.import_ is not None and self.abliterate is not None:
+            raise ValueError("a variant is an import or an abliteration, not both")
+        for block, what in ((self.import_, "an import"), (self.abliterate, "an abliteration")):
+            if block is not None and quantizer_fields:
+                raise ValueError(f"{what} takes no quantizer fields ({', '.join(quantizer_fields)}); it is "
+                                 "described by its own block")
         return self
 
     @property
     def is_full_precision(self) -> bool:
-        return self.method == "none" and self.import_ is None
+        return self.method == "none" and self.import_ is None and self.abliterate is None
 
     def quant_config(self) -> QuantConfig:
         """The quantizer config this variant means. Only the fields the YAML set are passed on, so a method's own
         defaults apply (`method: quik` is per-row symmetric) and an explicit `group_size: null` stays per-row."""
-        return QuantConfig.from_dict(self.model_dump(exclude_unset=True, exclude={"import_"}))
+        return QuantConfig.from_dict(self.model_dump(exclude_unset=True, exclude={"import_", "abliterate"}))
 
     def label(self) -> str:
         if self.import_ is not None:
             return f"import {self.import_.source}"
+        if self.abliterate is not None:
+            return f"abliterated (layer {self.abliterate.layer})"
         if self.is_full_precision:
             return "bf16"
         cfg = self.quant_config()
@@ -83,11 +93,22 @@ class ServedSpec(_Strict):
 
 
 class BenchmarkSpec(_Strict):
-    name: Literal["opensafetymini", "xsafety"]
+    """One benchmark of the study (any registered name: `quantsafe.benchmarks.benchmarks()`)."""
+
+    name: str
     langs: list[str] = ["en"]
     limit: int | None = Field(None, ge=1)
     limit_per_scenario: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: int = 0  # sampling, and what a loader chooses (HotPotQA's distractors, option permutations)
+    permutations: int = Field(0, ge=0, le=3)  # multiple choice: shuffled-option copies to measure position bias
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        known = benchmarks()
+        if name not in known:
+            raise ValueError(f"unknown benchmark '{name}'; known: {', '.join(sorted(known))}")
+        return name
 
 
 class ValidationSpec(_Strict):

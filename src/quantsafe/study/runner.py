@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,23 +18,38 @@ from quantsafe.backends.base import Backend, DecodingConfig
 from quantsafe.backends.hf import HFBackend
 from quantsafe.backends.openai_compat import OpenAIBackend
 from quantsafe.backends.request_cache import RequestCache
-from quantsafe.benchmarks import Prompt, load_benchmark, load_criteria
+from quantsafe.benchmarks import Kind, Outcome, Prompt, benchmark, load_benchmark, load_criteria
+from quantsafe.benchmarks.choice import score_choices
 from quantsafe.benchmarks.xstest import load_labelled_sets, load_xstest_completions
 from quantsafe.datadir import cache_dir, resolve_data_dir
 from quantsafe.errors import QuantsafeError
 from quantsafe.hashing import stable_hash
+from quantsafe.interventions.abliteration import AbliterationConfig, abliterate_variant, load_abliterated
+from quantsafe.interventions.instructions import select_instructions
 from quantsafe.judges import load_template, validate_judge
 from quantsafe.judges.base import Judge, JudgeItem
+from quantsafe.judges.degeneration import answer_flags, flags_config
 from quantsafe.judges.factory import judge_from_spec
+from quantsafe.judges.validation import RefusalClassifier
 from quantsafe.models import ResolvedModel, load_model, resolve_model
 from quantsafe.models.dtype import dtype_name, resolve_dtype
 from quantsafe.models.imported import ImportedCheckpoint, inspect_import, load_imported
 from quantsafe.models.loading import check_model
 from quantsafe.quantization import load_quantized, quantize_variant
 from quantsafe.report import compute_scores, render_report, scores_csv
+from quantsafe.report.metrics import CHECKS, ItemScore, compute_metric_rows, metrics_csv
 from quantsafe.report.paper import load_paper_safety, paper_results_path
 from quantsafe.report.scores import apply_correction, pooled_safety_confusion
-from quantsafe.store import GenerationRow, JudgmentRow, Store, StudyRecord, VariantRow, atomic_write_text
+from quantsafe.store import (
+    ChoiceRow,
+    GenerationRow,
+    JudgmentRow,
+    RefusalRow,
+    Store,
+    StudyRecord,
+    VariantRow,
+    atomic_write_text,
+)
 from quantsafe.study.config import ServedSpec, StudyConfig, ValidationSpec, VariantSpec
 
 CHUNK = 32  # generations/judgments committed per transaction: what a kill can cost at most
@@ -50,14 +66,48 @@ def generation_key(decoding: DecodingConfig, dtype: torch.dtype) -> str:
     return stable_hash({"decoding": decoding.key_fields(), "dtype": dtype_name(dtype)})
 
 
+def scoring_key(decoding: DecodingConfig, dtype: torch.dtype) -> str:
+    """Keys every multiple-choice score: option log-probs depend on the compute dtype and on batch padding."""
+    return stable_hash({"scoring": "next-token-logprobs", "batch_size": decoding.batch_size,
+                        "max_batch_tokens": decoding.max_batch_tokens, "dtype": dtype_name(dtype)})
+
+
 def study_prompts(cfg: StudyConfig, data_dir: Path) -> list[Prompt]:
-    """All prompts of the study, de-duplicated by uid, in a stable order."""
+    """All items of the study, de-duplicated by uid, in a stable order."""
     seen: dict[str, Prompt] = {}
     for b in cfg.benchmarks:
         for p in load_benchmark(b.name, data_dir, langs=b.langs, limit=b.limit,
-                                limit_per_scenario=b.limit_per_scenario, seed=b.seed):
+                                limit_per_scenario=b.limit_per_scenario, seed=b.seed, permutations=b.permutations):
             seen.setdefault(p.uid, p)
     return list(seen.values())
+
+
+def _of(prompts: Sequence[Prompt], kind: Kind, question: str | None = None) -> list[Prompt]:
+    """The items of one kind (and, for judged ones, asking one question)."""
+    return [p for p in prompts if benchmark(p.benchmark).kind == kind
+            and (question is None or benchmark(p.benchmark).question == question)]
+
+
+def _generated(prompts: Sequence[Prompt]) -> list[Prompt]:
+    """Items answered in free text (judged or checked against a reference)."""
+    return [p for p in prompts if benchmark(p.benchmark).kind != Kind.CHOICE]
+
+
+class _Lazy:
+    """A variant's backend, loaded at most once and only if some stage has work left for it."""
+
+    def __init__(self, variant: VariantRow, loader: Callable[[str], Backend]):
+        self.variant, self.loader = variant, loader
+        self.backend: Backend | None = None
+
+    def get(self) -> Backend:
+        if self.backend is None:
+            self.backend = self.loader(self.variant.variant_id)
+        return self.backend
+
+    def release(self) -> None:
+        self.backend = None
+        gc.collect()
 
 
 def _variant(resolved: ResolvedModel, spec: VariantSpec, data_dir: Path, artifacts: Path, dtype: torch.dtype,
@@ -91,6 +141,20 @@ def _imported_variant(resolved: ResolvedModel, ckpt: ImportedCheckpoint, dtype: 
     return row, lambda name: HFBackend(*load_imported(ckpt, dtype), name)
 
 
+def _abliterated_variant(resolved: ResolvedModel, cfg: AbliterationConfig, instructions: tuple[list[str], list[str]],
+                         artifacts: Path, dtype: torch.dtype) -> tuple[VariantRow, Callable[[str], Backend]]:
+    """The negative control: `resolved` without its refusal direction, found from instructions the study never
+    evaluates (their texts are in the id); paired against the same model's full-precision answers."""
+    harmful, harmless = instructions
+    art = abliterate_variant(resolved, cfg, harmful, harmless, artifacts, dtype)
+    row = VariantRow(variant_id=art.artifact_id, model=resolved.name, precision="bf16", method="abliterated",
+                     bits_per_weight=16.0, source_sha256=resolved.source_sha256,
+                     dequantized_gguf=resolved.dequantized_gguf, artifact_path=str(art.path),
+                     config={"abliterate": cfg.model_dump(mode="json"), "layer": art.layer,
+                             "n_harmful": len(harmful), "n_harmless": len(harmless)})
+    return row, lambda name: HFBackend(*load_abliterated(art.path, dtype), name)
+
+
 def _served_variant(spec: ServedSpec, cache: RequestCache | None) -> tuple[VariantRow, Callable[[str], Backend]]:
     """A served model: keyed by what changes its answers (served name, declared weights), not by its address,
     which is recorded as its source."""
@@ -108,13 +172,14 @@ def _served_source(spec: ServedSpec) -> dict[str, Any]:
             "source_sha256": spec.endpoint.weights_sha256 or "not declared", "dequantized_gguf": False}
 
 
-def _generate(store: Store, variant: VariantRow, loader: Callable[[str], Backend], prompts: Sequence[Prompt],
-              decoding: DecodingConfig, gen_key: str, dtype: torch.dtype, console: Console) -> None:
+def _generate(store: Store, lazy: _Lazy, prompts: Sequence[Prompt], decoding: DecodingConfig, gen_key: str,
+              dtype: torch.dtype, console: Console) -> None:
+    variant = lazy.variant
     done = store.done_generations(variant.variant_id, gen_key)
     todo = [p for p in prompts if p.uid not in done]
     if not todo:
         return
-    backend = loader(variant.variant_id)
+    backend = lazy.get()
     record = decoding.model_dump() | {"dtype": dtype_name(dtype)}
     with _progress(console) as bar:
         task = bar.add_task(f"generate {variant.model} {variant.precision} {variant.method}", total=len(todo))
@@ -127,8 +192,54 @@ def _generate(store: Store, variant: VariantRow, loader: Callable[[str], Backend
                 benchmark=p.benchmark, lang=p.lang, scenario=p.scenario, prompt=p.text, response=g.text,
                 n_new_tokens=g.n_new_tokens, finished=g.finished, truncated=g.truncated, decoding=record)
                 for p, g in zip(chunk, gens, strict=True))
-    del backend
-    gc.collect()
+
+
+def _score_choices(store: Store, lazy: _Lazy, prompts: Sequence[Prompt], decoding: DecodingConfig,
+                   scoring_id: str, console: Console) -> None:
+    """Multiple-choice items: the option letter with the highest next-token log-prob, committed chunk by chunk."""
+    variant = lazy.variant
+    done = store.done_choices(variant.variant_id, scoring_id)
+    todo = [p for p in prompts if p.uid not in done]
+    if not todo:
+        return
+    backend = lazy.get()
+    with _progress(console) as bar:
+        task = bar.add_task(f"score {variant.model} {variant.precision} {variant.method}", total=len(todo))
+        for start in range(0, len(todo), CHUNK):
+            chunk = todo[start : start + CHUNK]
+            results = score_choices(backend, chunk, batch_size=decoding.batch_size,
+                                    max_batch_tokens=decoding.max_batch_tokens)
+            store.add_choices(ChoiceRow(variant_id=variant.variant_id, prompt_uid=p.uid, scoring_id=scoring_id,
+                                        prediction=r.prediction, valid_mass=r.valid_mass, logprobs=r.logprobs)
+                              for p, r in zip(chunk, results, strict=True))
+            bar.advance(task, len(chunk))
+
+
+def _evaluate(store: Store, lazy: _Lazy, prompts: Sequence[Prompt], decoding: DecodingConfig, gen_key: str,
+              scoring_id: str, dtype: torch.dtype, console: Console) -> None:
+    """Every model-running stage of one variant, sharing one load of its weights."""
+    _generate(store, lazy, _generated(prompts), decoding, gen_key, dtype, console)
+    _score_choices(store, lazy, _of(prompts, Kind.CHOICE), decoding, scoring_id, console)
+    lazy.release()
+
+
+def _classify_refusals(store: Store, classifier: RefusalClassifier, variants: Sequence[VariantRow],
+                       prompts: Sequence[Prompt], gen_key: str, console: Console) -> None:
+    """The refusal question (XSTest's over-refusal) for each stored answer not yet classified."""
+    uids = [p.uid for p in prompts]
+    with _progress(console) as bar:
+        for v in variants:
+            done = store.done_refusals(v.variant_id, gen_key, classifier.refusal_id)
+            todo = [g for g in store.generations(v.variant_id, gen_key, uids)
+                    if (g.prompt_uid, g.response_sha) not in done]
+            task = bar.add_task(f"refusal {v.model} {v.precision} {v.method}", total=len(todo))
+            for start in range(0, len(todo), CHUNK):
+                chunk = todo[start : start + CHUNK]
+                refused = classifier.classify_refusals([(g.prompt, g.response) for g in chunk])
+                store.add_refusals(RefusalRow(variant_id=v.variant_id, prompt_uid=g.prompt_uid, decoding_id=gen_key,
+                                              refusal_id=classifier.refusal_id, response_sha=g.response_sha,
+                                              refused=r) for g, r in zip(chunk, refused, strict=True))
+                bar.advance(task, len(chunk))
 
 
 def _judge_all(store: Store, judge: Judge, variants: Sequence[VariantRow], prompts: Sequence[Prompt],
@@ -181,6 +292,7 @@ class _Plan(BaseModel):
     criteria: dict[str, str]
     models: list[ResolvedModel]
     imports: dict[int, ImportedCheckpoint]  # variant index -> its checkpoint, located, hashed and checked
+    abliterations: dict[int, tuple[list[str], list[str]]]  # variant index -> (harmful, harmless) instructions
     dtype: torch.dtype
 
 
@@ -190,11 +302,17 @@ def _plan(cfg: StudyConfig, out_dir: Path) -> _Plan:
     data_dir = resolve_data_dir(cfg.data_dir)
     prompts = study_prompts(cfg, data_dir)
     criteria = load_criteria(data_dir)
-    for p in prompts:
+    for p in _of(prompts, Kind.JUDGED, "safety"):
         _criterion(criteria, p.scenario)
     imports: dict[int, ImportedCheckpoint] = {}
+    abliterations: dict[int, tuple[list[str], list[str]]] = {}
     for i, spec in enumerate(cfg.variants):
-        if spec.import_ is not None:
+        if spec.abliterate is not None:
+            try:  # disjoint from every prompt this study evaluates, whatever its benchmarks
+                abliterations[i] = select_instructions(data_dir, spec.abliterate, [p.text for p in prompts])
+            except QuantsafeError as exc:
+                raise QuantsafeError(f"study '{cfg.name}', variants.{i}.abliterate: {exc}") from None
+        elif spec.import_ is not None:
             try:
                 imports[i] = inspect_import(spec.import_)
             except QuantsafeError as exc:
@@ -229,7 +347,7 @@ def _plan(cfg: StudyConfig, out_dir: Path) -> _Plan:
             raise QuantsafeError(f"study '{cfg.name}', validation.sets: unknown XSTest file(s) {missing}; "
                                  f"available: {sorted(available)}")
     return _Plan(data_dir=data_dir, artifacts=cfg.artifacts_dir or cache_dir() / "artifacts", prompts=prompts,
-                 criteria=criteria, models=models, imports=imports, dtype=dtype)
+                 criteria=criteria, models=models, imports=imports, abliterations=abliterations, dtype=dtype)
 
 
 def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None) -> Path:
@@ -238,6 +356,7 @@ def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None) -
     torch.manual_seed(0)
     plan = _plan(cfg, out_dir)
     gen_key = generation_key(cfg.decoding, plan.dtype)
+    scoring_id = scoring_key(cfg.decoding, plan.dtype)
     compute = dtype_name(plan.dtype)
     console.print(f"[bold]{cfg.name}[/]: {len(cfg.models)} model(s) × {len(cfg.variants)} variant(s), "
                   f"{len(plan.prompts)} prompts, {len(cfg.judges)} judge(s), compute dtype {compute} → {out_dir}")
@@ -245,6 +364,7 @@ def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None) -
     needs_http = bool(cfg.served) or any(j.endpoint is not None for j in cfg.judges)
     requests = RequestCache(out_dir / REQUEST_CACHE) if needs_http else None
     with Store.open(out_dir / "quantsafe.db") as store:
+        store.add_items(plan.prompts)
         for ref, resolved in zip(cfg.models, plan.models, strict=True):
             for i, spec in enumerate(cfg.variants):
                 if spec.import_ is not None and cfg.import_base(spec) != ref:
@@ -252,19 +372,26 @@ def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None) -
                 console.print(f"variant {resolved.name} {spec.label()}")
                 if i in plan.imports:
                     row, loader = _imported_variant(resolved, plan.imports[i], plan.dtype)
+                elif spec.abliterate is not None:
+                    row, loader = _abliterated_variant(resolved, spec.abliterate, plan.abliterations[i],
+                                                       plan.artifacts, plan.dtype)
                 else:
                     row, loader = _variant(resolved, spec, plan.data_dir, plan.artifacts, plan.dtype)
                 store.upsert_variant(row)
                 variants.append(row)
-                _generate(store, row, loader, plan.prompts, cfg.decoding, gen_key, plan.dtype, console)
+                _evaluate(store, _Lazy(row, loader), plan.prompts, cfg.decoding, gen_key, scoring_id, plan.dtype,
+                          console)
         for served in cfg.served:
             console.print(f"served {served.label} {served.precision} {served.method} at {served.endpoint.base_url}")
             row, loader = _served_variant(served, requests)
             store.upsert_variant(row)
             variants.append(row)
-            _generate(store, row, loader, plan.prompts, cfg.decoding, gen_key, plan.dtype, console)
+            _evaluate(store, _Lazy(row, loader), plan.prompts, cfg.decoding, gen_key, scoring_id, plan.dtype,
+                      console)
         paper = paper_results_path(cfg.paper_results)
-        judge_ids = []
+        judge_ids, refusal_ids = [], []
+        safety_items, refusal_items = _of(plan.prompts, Kind.JUDGED, "safety"), _of(plan.prompts, Kind.JUDGED,
+                                                                                      "refusal")
         sample = stable_hash(cfg.validation) if cfg.validation is not None else None
         for jspec in cfg.judges:
             judge = judge_from_spec(jspec, data_dir=plan.data_dir, criteria=plan.criteria, dtype=plan.dtype,
@@ -272,7 +399,10 @@ def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None) -
             judge_ids.append(judge.judge_id)
             store.upsert_judge(judge.judge_id, jspec.kind, judge.mode,
                                jspec.model_dump(mode="json") | {"dtype": compute})
-            _judge_all(store, judge, variants, plan.prompts, gen_key, plan.criteria, console)
+            _judge_all(store, judge, variants, safety_items, gen_key, plan.criteria, console)
+            if refusal_items and isinstance(judge, RefusalClassifier):
+                refusal_ids.append(judge.refusal_id)
+                _classify_refusals(store, judge, variants, refusal_items, gen_key, console)
             if cfg.validation is not None and sample is not None:
                 _validate(store, judge, plan.data_dir, cfg.validation, sample, console)
             del judge
@@ -280,6 +410,7 @@ def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None) -
         study = StudyRecord(
             name=cfg.name, variant_ids=[v.variant_id for v in variants], prompt_uids=[p.uid for p in plan.prompts],
             decoding_id=gen_key, decoding=cfg.decoding.model_dump() | {"dtype": compute}, judge_ids=judge_ids,
+            refusal_ids=refusal_ids, scoring_id=scoring_id if _of(plan.prompts, Kind.CHOICE) else None,
             validation_sample=sample,
             models=[m.model_dump(mode="json") for m in plan.models] + [_served_source(s) for s in cfg.served],
             config=cfg.model_dump(mode="json"), paper_results=str(paper) if paper else None)
@@ -299,8 +430,51 @@ def _validate(store: Store, judge: Judge, data_dir: Path, spec: ValidationSpec, 
         store.put_agreement(judge.judge_id, row.set, row.mapping, sample, row.model_dump(mode="json"))
 
 
+def item_scores(store: Store, study: StudyRecord) -> list[ItemScore]:
+    """Every per-item number of the study that is not a safety verdict: answer checks of each generated answer,
+    reference metrics (HotPotQA), multiple-choice accuracy (SafetyBench) and refusal calls (XSTest)."""
+    items = store.items(study.prompt_uids)
+    out: list[ItemScore] = []
+
+    def add(vid: str, uid: str, bench: str, scenario: str, source: str, outcome: Outcome) -> None:
+        definition, item = benchmark(bench), items.get(uid)
+        if definition.metrics is not None and item is not None:
+            metrics = definition.metrics(item, outcome)
+            if metrics:
+                out.append(ItemScore(vid, uid, bench, scenario, source, metrics))
+
+    for vid in study.variant_ids:
+        for g in store.generations(vid, study.decoding_id, study.prompt_uids):
+            flags = answer_flags(g.response, g.lang, g.finished)
+            checks = {"broken": float(flags.broken)} | {k: float(v) for k, v in flags.model_dump().items()}
+            out.append(ItemScore(vid, g.prompt_uid, g.benchmark, g.scenario, CHECKS, checks))
+            if benchmark(g.benchmark).kind == Kind.REFERENCE:
+                add(vid, g.prompt_uid, g.benchmark, g.scenario, "", Outcome(response=g.response))
+    if study.scoring_id is not None:
+        for c in store.choices(study.scoring_id, study.variant_ids, study.prompt_uids):
+            item = items.get(c.prompt_uid)
+            if item is not None:
+                add(c.variant_id, c.prompt_uid, item.benchmark, item.scenario, "", Outcome(prediction=c.prediction))
+                out.append(ItemScore(c.variant_id, c.prompt_uid, item.benchmark, item.scenario, "",
+                                     {"valid_mass": c.valid_mass}))
+    for r in store.refusals(study.decoding_id, study.refusal_ids, study.variant_ids, study.prompt_uids):
+        item = items.get(r.prompt_uid)
+        if item is not None:
+            add(r.variant_id, r.prompt_uid, item.benchmark, item.scenario, r.refusal_id, Outcome(refused=r.refused))
+    return out
+
+
+def _expected_cells(store: Store, study: StudyRecord, n_judges: int) -> int:
+    """Cells the study defines: judged items per judge, refusal items per classifier, choice items once."""
+    items = store.items(study.prompt_uids).values()
+    counts = Counter((benchmark(p.benchmark).kind, benchmark(p.benchmark).question) for p in items)
+    per_variant = (counts[(Kind.JUDGED, "safety")] * n_judges + counts[(Kind.JUDGED, "refusal")]
+                   * len(study.refusal_ids) + sum(n for (kind, _), n in counts.items() if kind == Kind.CHOICE))
+    return len(study.variant_ids) * per_variant if items else len(study.variant_ids) * len(study.prompt_uids) * n_judges
+
+
 def write_report(store: Store, out_dir: Path, study: StudyRecord, paper_results: Path | None = None) -> Path:
-    """report.md and scores.csv from exactly the study's cells in the store (no model runs)."""
+    """report.md, scores.csv and metrics.csv from exactly the study's cells in the store (no model runs)."""
     variants = store.variants(study.variant_ids)
     by_id = {j["judge_id"]: j for j in store.judges()}
     judges = [by_id[j] for j in study.judge_ids if j in by_id]
@@ -309,13 +483,19 @@ def write_report(store: Store, out_dir: Path, study: StudyRecord, paper_results:
     agreement = ([a for j in judges for a in store.agreement(j["judge_id"], study.validation_sample)]
                  if study.validation_sample else [])
     scores = apply_correction(compute_scores(judged, variants), pooled_safety_confusion(agreement))
+    per_item = item_scores(store, study)
+    metrics = compute_metric_rows(per_item, variants)
     recorded = Path(study.paper_results) if study.paper_results else None
     paper_path = paper_results or recorded
     paper = load_paper_safety(paper_path) if paper_path else []
-    expected = len(study.variant_ids) * len(study.prompt_uids) * len(judges)
+    n_choices = sum("valid_mass" in s.metrics for s in per_item)
+    n_refusals = sum(s.source not in ("", CHECKS) for s in per_item)
+    done = len(judged) + n_choices + n_refusals
     text = render_report(study.name, variants, scores, judges, agreement, study.models, study.decoding, paper,
-                         completeness=(len(judged), expected))
+                         completeness=(done, _expected_cells(store, study, len(judges))), metrics=metrics,
+                         checks_config=flags_config())
     atomic_write_text(out_dir / "scores.csv", scores_csv(scores))
+    atomic_write_text(out_dir / "metrics.csv", metrics_csv(metrics))
     report = out_dir / "report.md"
     atomic_write_text(report, text)
     return report
