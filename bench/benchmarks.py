@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info
 from quantsafe.backends import DecodingConfig
 from quantsafe.backends.hf import HFBackend
-from quantsafe.benchmarks import Kind, Outcome, benchmark, load_benchmark, load_criteria
+from quantsafe.benchmarks import Kind, Outcome, Prompt, benchmark, load_benchmark, load_criteria
 from quantsafe.benchmarks.choice import score_choices
+from quantsafe.benchmarks.safetybench import load_safetybench
 from quantsafe.datadir import resolve_data_dir
 from quantsafe.interventions.abliteration import load_abliterated
 from quantsafe.judges.base import JudgeItem
@@ -81,24 +83,49 @@ def _timing(model_name: str, dtype: torch.dtype, n: int, max_new_tokens: int, ba
     return {"model": resolved.name, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "benchmarks": rows}
 
 
-def _safetybench(model_name: str, dtype: torch.dtype, batch_size: int) -> dict[str, Any]:
-    """The 35 offline dev items scored in batches of `batch_size` and one at a time: throughput and agreement."""
+def _test_format_items(work: Path) -> list[Prompt]:
+    """The 35 dev questions in the test set's format (each with its category's 5 official examples, itself
+    among them): the test setting's prompt shapes for timing, since the test questions are not shipped."""
+    data_dir = resolve_data_dir(None)
+    dev = json.loads((data_dir / "safetybench" / "dev_en.json").read_text())
+    root = work / "safetybench-data"
+    (root / "safetybench").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(data_dir / "opensafetymini", root / "opensafetymini", dirs_exist_ok=True)
+    (root / "safetybench" / "dev_en.json").write_text(json.dumps(dev))
+    questions = [{"id": f"{c[:3]}{k}", "category": c, "question": q["question"], "options": q["options"]}
+                 for c, qs in dev.items() for k, q in enumerate(qs)]
+    answers = {f"{c[:3]}{k}": {"category": c, "answer": q["answer"]} for c, qs in dev.items() for k, q in enumerate(qs)}
+    (root / "safetybench" / "test_en.json").write_text(json.dumps(questions))
+    (root / "safetybench" / "test_answers_en.json").write_text(json.dumps(answers))
+    return load_safetybench(root)
+
+
+def _safetybench(model_name: str, dtype: torch.dtype, batch_size: int, work: Path) -> dict[str, Any]:
+    """Items/s of option scoring: batched with each category's examples encoded once, against one item at a time
+    encoded whole (and the two mixed settings, to tell batching from prefix reuse apart)."""
     resolved = resolve_model(model_name)
     backend = HFBackend(*load_model(resolved, dtype), resolved.name)
-    items = load_benchmark("safetybench-dev")
-    score_choices(backend, items[:2], batch_size=2)  # warm-up
-    out: dict[str, Any] = {"model": resolved.name, "n": len(items)}
-    preds = {}
-    for bs in (batch_size, 1):
-        start = time.perf_counter()
-        results = score_choices(backend, items, batch_size=bs)
-        secs = time.perf_counter() - start
-        preds[bs] = [r.prediction for r in results]
-        out[f"bs{bs}"] = {"seconds": secs, "items_per_s": len(items) / secs,
+    out: dict[str, Any] = {"model": resolved.name}
+    for setting, items in (("test-format (5 shared shots per category)", _test_format_items(work)),
+                           ("offline dev, leave-one-out", load_benchmark("safetybench-dev"))):
+        score_choices(backend, items[:2], batch_size=2, share_context=False)  # warm-up
+        runs: dict[str, Any] = {"n": len(items)}
+        preds = {}
+        for name, bs, share in (("batched+shared", batch_size, True), ("one_at_a_time", 1, False),
+                                ("batched", batch_size, False), ("one_at_a_time+shared", 1, True)):
+            backend._prefixes.clear()  # every run pays for its own prefixes
+            start = time.perf_counter()
+            results = score_choices(backend, items, batch_size=bs, share_context=share)
+            secs = time.perf_counter() - start
+            preds[name] = [r.prediction for r in results]
+            runs[name] = {"seconds": secs, "items_per_s": len(items) / secs,
                           "accuracy": sum(r.correct for r in results) / len(items),
                           "low_mass": sum(r.low_mass for r in results)}
-    out["speedup"] = out[f"bs{batch_size}"]["items_per_s"] / out["bs1"]["items_per_s"]
-    out["same_predictions"] = sum(a == b for a, b in zip(preds[batch_size], preds[1], strict=True))
+        runs["speedup_batched_shared_vs_one_at_a_time"] = (runs["batched+shared"]["items_per_s"]
+                                                           / runs["one_at_a_time"]["items_per_s"])
+        runs["same_predictions"] = sum(a == b for a, b in zip(preds["batched+shared"], preds["one_at_a_time"],
+                                                               strict=True))
+        out[setting] = runs
     out["target_speedup"] = 4.0
     return out
 
@@ -172,7 +199,7 @@ def main() -> None:
         if part == "timing":
             value = _timing(args.model, dtype, args.n, args.max_new_tokens, args.batch_size)
         elif part == "safetybench":
-            value = _safetybench(args.model, dtype, args.batch_size)
+            value = _safetybench(args.model, dtype, args.batch_size, args.work)
         elif part == "abliteration":
             value = _abliteration(args.model, dtype, args.work, args.osm_per_scenario, args.max_new_tokens,
                                   args.ppl_windows)

@@ -203,3 +203,32 @@ def test_earlier_turns_are_encoded_once_per_backend_and_scores_never_depend_on_c
         del model.forward
     assert prefix_runs == 1 and sum(n > 40 for n in lengths) == 1  # encoded on the first call only
     assert alone_cold == together[0] == alone_warm
+
+
+def test_shared_context_inside_one_message_is_encoded_once_per_distinct_text(fp32: HFBackend) -> None:
+    """Few-shot examples inside the user turn (SafetyBench's template): one KV cache per distinct context,
+    scores equal to encoding every item whole."""
+    contexts = ["Examples follow.\n\n" + "Question: is water wet?\nAnswer: A\n\n" * 6,
+                "Other examples.\n\n" + "Question: is fire cold?\nAnswer: B\n\n" * 6]
+    asks = ["Question: is the sky blue?\nOptions: A. yes B. no", "Question: is ice hot?\nOptions: A. yes B. no"]
+    convs = [[{"role": "user", "content": c + a}] for c in contexts for a in asks]
+    lengths: list[int] = []
+    model = fp32.model
+    forward = model.forward
+
+    def counting(*args: object, **kwargs: object) -> object:
+        lengths.append(int(kwargs["input_ids"].shape[1]))  # type: ignore[attr-defined]
+        return forward(*args, **kwargs)
+
+    fp32._prefixes.clear()
+    model.forward = counting
+    try:
+        shared = fp32.next_token_logprobs(convs, [" A", " B"], prefill="Answer:", batch_size=4,
+                                          shared_chars=[len(c) for c in contexts for _ in asks])
+    finally:
+        del model.forward
+    whole = fp32.next_token_logprobs(convs, [" A", " B"], prefill="Answer:", batch_size=4)
+    assert sum(n > 60 for n in lengths) == 2  # each context once; every item's own part is short
+    assert fp32._shared_len(convs[0], fp32.encode(convs[0], None, "Answer:")[0], "Answer:", 3) == 0  # mid-token
+    for a, b in zip(shared, whole, strict=True):
+        assert all(abs(a[k] - b[k]) < 1e-3 for k in a)

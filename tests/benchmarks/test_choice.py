@@ -52,8 +52,8 @@ class FakeBackend:
         self.calls: list[tuple[int, list[str], str, int]] = []
 
     def next_token_logprobs(self, conversations: Sequence[list[Message]], candidates: Sequence[str],
-                            prefill: str = "", batch_size: int = 8,
-                            max_batch_tokens: int = 1) -> list[dict[str, float]]:
+                            prefill: str = "", batch_size: int = 8, max_batch_tokens: int = 1,
+                            shared_chars: Sequence[int] | None = None) -> list[dict[str, float]]:
         self.calls.append((len(conversations), list(candidates), prefill, batch_size))
         return [{c: self.table[conv[-1]["content"]].get(c.strip(), -20.0) for c in candidates}
                 for conv in conversations]

@@ -69,7 +69,9 @@ class Backend(Protocol):
     def next_token_logprobs(
         self, conversations: Sequence[list[Message]], candidates: Sequence[str], prefill: str = "",
         batch_size: int = 8, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        shared_chars: Sequence[int] | None = None,
     ) -> list[dict[str, float]]:
         """Log-probability of each candidate's whole token sequence right after the assistant turn opens with
-        prefill."""
+        prefill; `shared_chars[i]`: how many leading characters of conversation i's last message recur across
+        items (few-shot examples), which a backend may encode once."""
         ...

@@ -13,7 +13,7 @@ from quantsafe.backends.base import DEFAULT_MAX_BATCH_TOKENS, DecodingConfig, Ge
 from quantsafe.errors import QuantsafeError
 
 MIN_SHARED_PREFIX = 32  # below this, re-encoding the prefix costs less than copying its KV cache
-PREFIX_CACHE_SIZE = 4  # earlier-turn prefixes kept between calls (a judge uses two: safety and refusal shots)
+PREFIX_CACHE_SIZE = 8  # shared prefixes kept between calls (a judge uses two; SafetyBench one per category)
 
 log = logging.getLogger("quantsafe.backends")
 
@@ -130,10 +130,13 @@ class HFBackend:
     def next_token_logprobs(
         self, conversations: Sequence[list[Message]], candidates: Sequence[str], prefill: str = "",
         batch_size: int = 8, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        shared_chars: Sequence[int] | None = None,
     ) -> list[dict[str, float]]:
         """Sum of log-probs of each candidate's tokens after the prefill, so a label split into several tokens
         is read whole. Candidates sharing all but their last token share one row (item + those tokens); logits
-        are computed only at the positions read, and a prefix shared by every row (few-shot turns) once."""
+        are computed only at the positions read. A row's shared part (its earlier turns, e.g. a judge's few-shot
+        turns, and the first `shared_chars[i]` characters of its last message, e.g. SafetyBench's five examples)
+        is encoded once per distinct text and its KV cache reused."""
         cand_ids = self.candidate_tokens(candidates)
         limit = self._prompt_limit(max(map(len, cand_ids)) - 1)
         encoded = [self.encode(c, None, prefill, limit) for c in conversations]
@@ -148,42 +151,71 @@ class HFBackend:
             groups.setdefault(tuple(ids[:-1]), []).append(j)
         rows = [_Row(i, ids + list(head), members) for i, (ids, _) in enumerate(encoded)
                 for head, members in groups.items()]
-        shared = _common_prefix_len([r.ids for r in rows])
-        # the shared part stops where the last message starts: that split is the same in every call, so a row's
-        # scores never depend on which other rows share its call, and the earlier turns are encoded once
-        shared = min(shared, self._earlier_turns_len(conversations[0], rows[0].ids),
-                     min(len(ids) for ids, _ in encoded) - 1)  # every position read stays a row's own
-        prefix_cache = self._prefix_cache(rows[0].ids[:shared]) if shared >= MIN_SHARED_PREFIX else None
-        if prefix_cache is None:
-            shared = 0
-        pad = self.tokenizer.pad_token_id
+        # each row's split point is a function of the row alone, so its scores never depend on which other rows
+        # share its call; rows whose shared parts are the same token sequence share one KV cache
+        chars = list(shared_chars) if shared_chars is not None else [0] * len(encoded)
+        splits = [self._shared_len(c, ids, prefill, n) for c, (ids, _), n in zip(conversations, encoded, chars,
+                                                                                 strict=True)]
+        by_prefix: dict[tuple[int, ...], list[int]] = {}
+        for r, row in enumerate(rows):
+            n = splits[row.item]
+            by_prefix.setdefault(tuple(row.ids[:n]) if n >= MIN_SHARED_PREFIX else (), []).append(r)
         scores = [[0.0] * len(candidates) for _ in encoded]
-        for idx in _batches([len(r.ids) for r in rows], batch_size, max_batch_tokens):
-            own = [rows[r].ids[shared:] for r in idx]
-            n_read = [len(cand_ids[rows[r].members[0]]) for r in idx]
-            width, reads = max(map(len, own)), max(n_read)
-            # right padding: causal attention keeps real tokens blind to the pads after them
-            input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in own])
-            mask = torch.tensor([[1] * (shared + len(s)) + [0] * (width - len(s)) for s in own])
-            # each row reads its last n positions; shorter rows repeat their last one to fill the tensor
-            keep = torch.tensor([[len(s) - n + min(m, n - 1) for m in range(reads)]
-                                 for s, n in zip(own, n_read, strict=True)])
-            kwargs: dict[str, Any] = {}
-            if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(idx))
-                kwargs["cache"] = cache
-            logits = self.model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep, **kwargs).logits
-            if logits.shape[1] != reads:
-                raise QuantsafeError(f"{type(self.model).__name__} ignores logits_to_keep; scoring needs a "
-                                     "transformers causal LM whose forward takes it")
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            for row, r in enumerate(idx):
-                for j in rows[r].members:
-                    toks = cand_ids[j]
-                    scores[rows[r].item][j] = float(logp[row, torch.arange(len(toks)), torch.tensor(toks)].sum())
+        for prefix, members in by_prefix.items():
+            prefix_cache = self._prefix_cache(list(prefix)) if prefix else None
+            for batch in _batches([len(rows[r].ids) - len(prefix) for r in members], batch_size, max_batch_tokens):
+                self._score_rows([rows[members[k]] for k in batch], len(prefix), prefix_cache, cand_ids, scores)
         return [dict(zip(candidates, s, strict=True)) for s in scores]
 
+    def _score_rows(self, rows: Sequence[_Row], shared: int, prefix_cache: Any, cand_ids: list[list[int]],
+                    scores: list[list[float]]) -> None:
+        """One forward pass over rows that share their first `shared` tokens (cached in prefix_cache)."""
+        pad = self.tokenizer.pad_token_id
+        own = [r.ids[shared:] for r in rows]
+        n_read = [len(cand_ids[r.members[0]]) for r in rows]
+        width, reads = max(map(len, own)), max(n_read)
+        # right padding: causal attention keeps real tokens blind to the pads after them
+        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in own])
+        mask = torch.tensor([[1] * (shared + len(s)) + [0] * (width - len(s)) for s in own])
+        # each row reads its last n positions; shorter rows repeat their last one to fill the tensor
+        keep = torch.tensor([[len(s) - n + min(m, n - 1) for m in range(reads)]
+                             for s, n in zip(own, n_read, strict=True)])
+        kwargs: dict[str, Any] = {}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(rows))
+            kwargs["cache"] = cache
+        logits = self.model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep, **kwargs).logits
+        if logits.shape[1] != reads:
+            raise QuantsafeError(f"{type(self.model).__name__} ignores logits_to_keep; scoring needs a "
+                                 "transformers causal LM whose forward takes it")
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        for k, row in enumerate(rows):
+            for j in row.members:
+                toks = cand_ids[j]
+                scores[row.item][j] = float(logp[k, torch.arange(len(toks)), torch.tensor(toks)].sum())
+
+    def _shared_len(self, conversation: list[Message], ids: list[int], prefill: str, chars: int) -> int:
+        """How many leading tokens of a row are material other rows may share (a function of the row alone, so
+        its scores never depend on its company); its last prompt token is always its own: logits are read there."""
+        n = self._earlier_turns_len(conversation, ids)
+        if chars > 0:
+            n = max(n, self._context_len(conversation, ids, prefill, chars))
+        return min(n, len(ids) - 1)
+
+    def _context_len(self, conversation: list[Message], ids: list[int], prefill: str, chars: int) -> int:
+        """Tokens before character `chars` of the last message, or 0 when no token boundary falls exactly there
+        (a merge across it) or the message was cut to fit the context."""
+        content = conversation[-1]["content"]
+        text = self._render(conversation, None, prefill)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if enc["input_ids"] != ids or not 0 < chars < len(content):
+            return 0
+        start = text.rfind(content) + chars
+        for k, (begin, _end) in enumerate(enc["offset_mapping"]):
+            if begin >= start:
+                return k if begin == start else 0
+        return 0
 
     def _earlier_turns_len(self, conversation: list[Message], ids: list[int]) -> int:
         """Tokens before the last message (few-shot turns, system prompt), or 0 if they are not a token prefix."""
@@ -214,11 +246,3 @@ def _batches(lengths: Sequence[int], batch_size: int, max_tokens: int, reserve: 
             batches.append([i])
     return batches
 
-
-def _common_prefix_len(seqs: Sequence[list[int]]) -> int:
-    first = seqs[0]
-    n = min(map(len, seqs))
-    for k in range(n):
-        if any(s[k] != first[k] for s in seqs[1:]):
-            return k
-    return n

@@ -140,10 +140,11 @@ class OpenAIBackend:
     def next_token_logprobs(
         self, conversations: Sequence[list[Message]], candidates: Sequence[str], prefill: str = "",
         batch_size: int = 8, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        shared_chars: Sequence[int] | None = None,
     ) -> list[dict[str, float]]:
         """Log-prob of each candidate's whole token sequence right after the assistant turn opens with prefill
-        (as HFBackend.next_token_logprobs). Batching is the server's business: batch_size and max_batch_tokens
-        are ignored."""
+        (as HFBackend.next_token_logprobs). Batching and prefix reuse are the server's business: batch_size,
+        max_batch_tokens and shared_chars are ignored."""
         tok = self._load_tokenizer()
         cand_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in candidates]
         if not cand_ids or not all(cand_ids) or len(set(map(tuple, cand_ids))) != len(cand_ids):

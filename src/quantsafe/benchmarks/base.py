@@ -35,6 +35,8 @@ class Prompt(BaseModel):
     reference: str | None = None  # the gold answer: HotPotQA's answer text, SafetyBench's correct letter
     choices: tuple[str, ...] = ()  # multiple choice: the option letters this item has, in order ("A", "B", ...)
     prefill: str = ""  # the assistant turn opens with this (SafetyBench: "Answer: ")
+    shared_chars: int = 0  # leading characters of `text` that other items repeat (few-shot examples): a backend
+    # may encode them once; left out of the uid, since they do not change what is asked
 
     @property
     def human_id(self) -> str:

@@ -41,10 +41,12 @@ def split_prefill(prefill: str) -> tuple[str, str]:
 
 
 def score_choices(backend: Backend, prompts: Sequence[Prompt], batch_size: int = 8,
-                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list[ChoiceResult]:
+                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, share_context: bool = True) -> list[ChoiceResult]:
     """One result per prompt, in order. All prompts with the same prefill go to the backend in one call, every
     letter any of them has as a candidate (log-probabilities of a candidate do not depend on the others, and
-    one-token letters share one scoring row), so the backend batches freely; batch_size=1 scores one at a time."""
+    one-token letters share one scoring row), so the backend batches freely; batch_size=1 scores one at a time.
+    `share_context`: each prompt's `shared_chars` (few-shot examples) are encoded once per distinct text (one per
+    SafetyBench category on the test set); False encodes every prompt whole."""
     for p in prompts:
         if not p.choices or p.reference not in p.choices:
             raise QuantsafeError(f"{p.human_id}: a multiple-choice item needs its option letters and a reference "
@@ -57,7 +59,8 @@ def score_choices(backend: Backend, prompts: Sequence[Prompt], batch_size: int =
         stem, space = split_prefill(prefill)
         letters = list(dict.fromkeys(c for i in idx for c in prompts[i].choices))
         convs = [[{"role": "user", "content": prompts[i].text}] for i in idx]
-        out = backend.next_token_logprobs(convs, [space + c for c in letters], stem, batch_size, max_batch_tokens)
+        out = backend.next_token_logprobs(convs, [space + c for c in letters], stem, batch_size, max_batch_tokens,
+                                          shared_chars=[prompts[i].shared_chars if share_context else 0 for i in idx])
         if len(out) != len(idx):
             raise QuantsafeError(f"backend {backend.name} returned {len(out)} log-prob rows for {len(idx)} items")
         for i, row in zip(idx, out, strict=True):

@@ -116,8 +116,12 @@ class FewShotTemplate:
         parts = [self.head.format()]
         parts += [self.shot.format(q=s.question.strip(), o=format_options(s.options), a=LETTERS[s.answer])
                   for s in shots]
-        parts.append(self.tail.format(eval_question=item.question.strip(), eval_options=format_options(item.options)))
+        parts.append(self.ask(item))
         return "".join(parts)
+
+    def ask(self, item: Question) -> str:
+        """The question asked, the user turn's last part (all before it is shared by a category's questions)."""
+        return self.tail.format(eval_question=item.question.strip(), eval_options=format_options(item.options))
 
 
 def _fields(text: str) -> set[str]:
@@ -265,8 +269,10 @@ def _prompts(benchmark: str, items: Sequence[tuple[Question, Sequence[Question]]
     prompts = []
     for item, shots in items:
         for variant in [item, *(permuted(item, k, seed) for k in range(1, permutations + 1))]:
+            text = template.render(shots, variant)
             prompts.append(Prompt(benchmark=benchmark, prompt_id=variant.id, lang="en", scenario=variant.category,
-                                  text=template.render(shots, variant), reference=LETTERS[variant.answer],
+                                  text=text, reference=LETTERS[variant.answer],
+                                  shared_chars=len(text) - len(template.ask(variant)),
                                   choices=tuple(LETTERS[: len(variant.options)]), prefill=PREFILL))
     return prompts
 

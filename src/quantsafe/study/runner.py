@@ -68,7 +68,7 @@ def generation_key(decoding: DecodingConfig, dtype: torch.dtype) -> str:
 
 def scoring_key(decoding: DecodingConfig, dtype: torch.dtype) -> str:
     """Keys every multiple-choice score: option log-probs depend on the compute dtype and on batch padding."""
-    return stable_hash({"scoring": "next-token-logprobs", "batch_size": decoding.batch_size,
+    return stable_hash({"scoring": "next-token-logprobs", "shared_context": True, "batch_size": decoding.batch_size,
                         "max_batch_tokens": decoding.max_batch_tokens, "dtype": dtype_name(dtype)})
 
 
