@@ -85,7 +85,8 @@ def _timing(model_name: str, dtype: torch.dtype, n: int, max_new_tokens: int, ba
 
 def _test_format_items(work: Path) -> list[Prompt]:
     """The 35 dev questions in the test set's format (each with its category's 5 official examples, itself
-    among them): the test setting's prompt shapes for timing, since the test questions are not shipped."""
+    among them), each also with 3 option orders: the test setting's prompt shapes for timing, since the test
+    questions are not shipped (the real set has 1,149-1,934 questions per category sharing its examples)."""
     data_dir = resolve_data_dir(None)
     dev = json.loads((data_dir / "safetybench" / "dev_en.json").read_text())
     root = work / "safetybench-data"
@@ -97,7 +98,7 @@ def _test_format_items(work: Path) -> list[Prompt]:
     answers = {f"{c[:3]}{k}": {"category": c, "answer": q["answer"]} for c, qs in dev.items() for k, q in enumerate(qs)}
     (root / "safetybench" / "test_en.json").write_text(json.dumps(questions))
     (root / "safetybench" / "test_answers_en.json").write_text(json.dumps(answers))
-    return load_safetybench(root)
+    return load_safetybench(root, permutations=3)  # 140 items, 20 per category sharing its examples
 
 
 def _safetybench(model_name: str, dtype: torch.dtype, batch_size: int, work: Path) -> dict[str, Any]:
@@ -106,7 +107,7 @@ def _safetybench(model_name: str, dtype: torch.dtype, batch_size: int, work: Pat
     resolved = resolve_model(model_name)
     backend = HFBackend(*load_model(resolved, dtype), resolved.name)
     out: dict[str, Any] = {"model": resolved.name}
-    for setting, items in (("test-format (5 shared shots per category)", _test_format_items(work)),
+    for setting, items in (("test-format (5 shared shots per category, 4 option orders)", _test_format_items(work)),
                            ("offline dev, leave-one-out", load_benchmark("safetybench-dev"))):
         score_choices(backend, items[:2], batch_size=2, share_context=False)  # warm-up
         runs: dict[str, Any] = {"n": len(items)}

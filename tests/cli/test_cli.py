@@ -191,3 +191,11 @@ def test_quantize_passes_only_what_was_given() -> None:
     assert quik.calibration is not None and quik.calibration.n_samples == 16
     with pytest.raises(QuantsafeError, match=r"^--options: not valid JSON"):
         cli_quant_spec("gptq", 4, None, "{nope", 16, 256)
+
+
+def test_data_check_lists_every_benchmark(data_dir: Path) -> None:
+    proc = _run("data", "check", "--data-dir", str(data_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert "HotPotQA [hotpotqa, reference]: 53 items" in proc.stdout
+    assert "SafetyBench (offline dev, leave-one-out) [safetybench-dev, choice]: 35 items" in proc.stdout
+    assert "[safetybench]: not available: " in proc.stdout and "safetybench-dev" in proc.stdout  # no test file here
