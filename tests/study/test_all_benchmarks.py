@@ -42,7 +42,8 @@ def test_every_benchmark_fills_its_tables(study: tuple[StudyConfig, Path]) -> No
     header = metrics[0].split(",")
     rows = [dict(zip(header, line.split(","), strict=False)) for line in metrics[1:]]
     got = {(r["benchmark"], r["metric"]) for r in rows if r["scenario"] == "ALL"}
-    assert {("safetybench-dev", "accuracy"), ("safetybench-dev", "valid_mass"), ("hotpotqa", "in_accuracy"),
+    assert {("safetybench-dev", "accuracy"), ("safetybench-dev", "valid_mass"), ("safetybench-dev", "low_valid_mass"),
+            ("hotpotqa", "in_accuracy"),
             ("hotpotqa", "exact_match"), ("hotpotqa", "f1"), ("xstest", "refusal_rate_safe"),
             ("opensafetymini", "broken"), ("xsafety", "wrong_language")} <= got
     with Store.open(out / "quantsafe.db") as store:

@@ -19,7 +19,7 @@ from quantsafe.backends.hf import HFBackend
 from quantsafe.backends.openai_compat import OpenAIBackend
 from quantsafe.backends.request_cache import RequestCache
 from quantsafe.benchmarks import Kind, Outcome, Prompt, benchmark, load_benchmark, load_criteria
-from quantsafe.benchmarks.choice import score_choices
+from quantsafe.benchmarks.choice import LOW_MASS, score_choices
 from quantsafe.benchmarks.xstest import load_labelled_sets, load_xstest_completions
 from quantsafe.datadir import cache_dir, resolve_data_dir
 from quantsafe.errors import QuantsafeError
@@ -456,7 +456,7 @@ def item_scores(store: Store, study: StudyRecord) -> list[ItemScore]:
             if item is not None:
                 add(c.variant_id, c.prompt_uid, item.benchmark, item.scenario, "", Outcome(prediction=c.prediction))
                 out.append(ItemScore(c.variant_id, c.prompt_uid, item.benchmark, item.scenario, "",
-                                     {"valid_mass": c.valid_mass}))
+                                     {"valid_mass": c.valid_mass, "low_valid_mass": float(c.valid_mass < LOW_MASS)}))
     for r in store.refusals(study.decoding_id, study.refusal_ids, study.variant_ids, study.prompt_uids):
         item = items.get(r.prompt_uid)
         if item is not None:
