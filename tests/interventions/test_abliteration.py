@@ -27,10 +27,11 @@ from quantsafe.interventions import (
 )
 from quantsafe.interventions.abliteration import (
     compute_abliteration_id,
-    load_direction,
+    load_directions,
     mean_last_token_activations,
     residual_writers,
     resolve_layer,
+    resolve_layers,
 )
 from quantsafe.interventions.instructions import instruction_pool, load_source
 from quantsafe.models import ResolvedModel, load_model, resolve_model
@@ -157,10 +158,22 @@ def test_orthogonalize_leaves_nothing_along_r_in_the_residual_stream(
         _assert_orthogonal(out, r, what)
 
 
-def test_orthogonalize_rejects_a_direction_of_the_wrong_size(tiny_checkpoint: Callable[..., ResolvedModel]) -> None:
+def test_orthogonalize_projects_out_the_span_of_several_directions(tiny_checkpoint: Callable[..., ResolvedModel],
+                                                                    ) -> None:
     model, _tok = load_model(tiny_checkpoint("llama"), torch.float32)
+    torch.manual_seed(2)
+    directions = torch.randn(3, 64)
+    before = {name: m.weight.detach().clone() for name, m in residual_writers(model)}
+    orthogonalize(model, directions)
+    q, _ = torch.linalg.qr(directions.T)
+    for name, module in residual_writers(model):
+        assert (directions @ module.weight).abs().max() < 1e-5, name
+        assert torch.allclose(module.weight + q @ (q.T @ before[name]), before[name], atol=1e-5), name
+    assert (model.get_input_embeddings().weight @ directions.T).abs().max() < 1e-5
     with pytest.raises(QuantsafeError, match="hidden size 64"):
         orthogonalize(model, torch.ones(32))
+    with pytest.raises(QuantsafeError, match="linearly dependent"):
+        orthogonalize(model, torch.stack([directions[0], 2 * directions[0]]))
 
 
 # --- config and ids --------------------------------------------------------------------------------------------
@@ -180,6 +193,12 @@ def test_config_validates_and_resolves_layers() -> None:
     with pytest.raises(ValidationError):
         cfg.seed = 1  # type: ignore[misc]
     assert AbliterationConfig(layer=7).layer == 7
+    assert AbliterationConfig.model_validate({"layer": [0.5, 14]}).layer == (0.5, 14)
+    with pytest.raises(ValidationError):
+        AbliterationConfig(layer=())
+    with pytest.raises(ValidationError):
+        AbliterationConfig(layer=(12, 1.0))
+    assert resolve_layers((0.5, 12, 14), 24) == [12, 14] and resolve_layers(0.5, 24) == [12]
     assert resolve_layer(0.5, 24) == 12 and resolve_layer(0.01, 24) == 1 and resolve_layer(0.99, 24) == 23
     with pytest.raises(QuantsafeError, match="24 blocks"):
         resolve_layer(24, 24)
@@ -217,10 +236,11 @@ def test_artifact_round_trip_and_reuse(tiny_checkpoint: Callable[..., ResolvedMo
     assert manifest.tied_embeddings and manifest.stored_dtype == "bfloat16"
 
     # the artifact is the base, orthogonalised against the stored direction, in bf16
-    direction = load_direction(artifact.path)
+    directions = load_directions(artifact.path)
     base, tok = load_model(resolved, torch.float32)
-    assert torch.allclose(direction, refusal_direction(base, tok, HARMFUL, HARMLESS, 2, batch_size=2))
-    orthogonalize(base, direction)
+    assert directions.shape == (1, 64)
+    assert torch.allclose(directions[0], refusal_direction(base, tok, HARMFUL, HARMLESS, 2, batch_size=2))
+    orthogonalize(base, directions)
     with torch.no_grad():
         for param in base.parameters():  # weights only: buffers (rotary frequencies) are not stored
             param.copy_(param.to(torch.bfloat16))
@@ -252,6 +272,8 @@ def test_a_run_killed_while_saving_leaves_no_artifact(tiny_checkpoint: Callable[
     monkeypatch.undo()
     artifact = abliterate_variant(resolved, AbliterationConfig(layer=1), HARMFUL, HARMLESS, out, torch.float32)
     assert not artifact.reused and (artifact.path / abl.MANIFEST_FILE).is_file()
+    several = abliterate_variant(resolved, AbliterationConfig(layer=(1, 2)), HARMFUL, HARMLESS, out, torch.float32)
+    assert several.layer == [1, 2] and load_directions(several.path).shape == (2, 64)
 
 
 def test_not_an_artifact(tmp_path: Path) -> None:

@@ -6,7 +6,9 @@ The direction r is the difference of the mean residual stream entering block `la
 that writes to the residual stream is then orthogonalised against it, W <- W - r r^T W: the token embeddings
 (rows), each attention output projection and each MLP down projection (and their biases), so no block can write
 along r again. That is exact for pre-norm decoders (Llama, Qwen2, Mistral, SmolLM2); models that normalise a
-block's output before adding it (Gemma 2/3) only approximately lose r.
+block's output before adding it (Gemma 2/3) only approximately lose r. Several layers may be named: the span of
+their directions is then projected out (W <- W - Q Q^T W, Q an orthonormal basis of it), for models whose
+refusal no single layer's direction carries alone.
 
 Tied embeddings (SmolLM2, Qwen2.5-0.5B): the shared matrix is orthogonalised, so lm_head changes with it, as in
 the reference implementation (andyrdt/refusal_direction on tied Gemma); the checkpoint keeps its base's
@@ -41,21 +43,21 @@ from quantsafe.quantization.artifact import _versions
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "abliteration.json"
-DIRECTION_FILE = "refusal_direction.safetensors"
+DIRECTION_FILE = "refusal_directions.safetensors"
 STORED_DTYPE = torch.bfloat16
 RESIDUAL_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 DEFAULT_LAYER = 0.5
-"""Fraction of depth; block 12 of 24 on qwen2.5-coder-0.5b, chosen by bench/abliteration.py."""
+"""Fraction of depth (block 12 of 24 on qwen2.5-coder-0.5b); bench/abliteration.py sweeps the alternatives."""
 
 
 class AbliterationConfig(BaseModel):
     """How the direction is found. `layer` is a block index or, as a float in (0, 1), a fraction of depth (the
-    nearest block), so one study config suits models of any depth."""
+    nearest block), so one study config suits models of any depth; or several of these."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    layer: int | float = DEFAULT_LAYER
-    n_instructions: int = Field(64, ge=1, description="instructions per side")
+    layer: int | float | tuple[int | float, ...] = DEFAULT_LAYER
+    n_instructions: int = Field(128, ge=1, description="instructions per side (Arditi et al.: 128)")
     seed: int = 0
     harmful_sources: tuple[str, ...] = DEFAULT_HARMFUL_SOURCES
     harmless_sources: tuple[str, ...] = DEFAULT_HARMLESS_SOURCES
@@ -64,11 +66,14 @@ class AbliterationConfig(BaseModel):
 
     @field_validator("layer")
     @classmethod
-    def _layer(cls, value: int | float) -> int | float:
-        if isinstance(value, float) and not 0.0 < value < 1.0:
-            raise ValueError(f"a fractional layer must lie in (0, 1), got {value}; give a block index as an int")
-        if isinstance(value, int) and value < 0:
-            raise ValueError(f"layer index must be >= 0, got {value}")
+    def _layer(cls, value: int | float | tuple[int | float, ...]) -> int | float | tuple[int | float, ...]:
+        if value == ():
+            raise ValueError("at least one layer is needed")
+        for one in value if isinstance(value, tuple) else (value,):
+            if isinstance(one, float) and not 0.0 < one < 1.0:
+                raise ValueError(f"a fractional layer must lie in (0, 1), got {one}; give a block index as an int")
+            if isinstance(one, int) and one < 0:
+                raise ValueError(f"layer index must be >= 0, got {one}")
         return value
 
     @field_validator("harmful_sources", "harmless_sources")
@@ -85,13 +90,13 @@ class AbliteratedArtifact(BaseModel):
     schema_version: int = SCHEMA_VERSION
     artifact_id: str
     config: AbliterationConfig
-    layer: int  # the block index `config.layer` resolved to
+    layer: int | list[int]  # the block index (indices) `config.layer` resolved to, in its shape
     n_layers: int
     base_model: str
     base_source_sha256: str
-    compute_dtype: str  # of the forward passes that found the direction
+    compute_dtype: str  # of the forward passes that found the directions
     stored_dtype: str = dtype_name(STORED_DTYPE)
-    direction_norm: float  # |mean(harmful) - mean(harmless)| before normalising
+    direction_norms: list[float]  # |mean(harmful) - mean(harmless)| per layer, before normalising
     tied_embeddings: bool  # lm_head shares the embedding matrix, so it was orthogonalised too
     harmful: list[str]
     harmless: list[str]
@@ -116,6 +121,12 @@ def resolve_layer(layer: int | float, n_layers: int) -> int:
     if index >= n_layers:
         raise QuantsafeError(f"abliteration layer {index} does not exist; the model has {n_layers} blocks")
     return index
+
+
+def resolve_layers(layer: int | float | tuple[int | float, ...], n_layers: int) -> list[int]:
+    """The distinct block indices of a config's `layer`, in the order given."""
+    return list(dict.fromkeys(resolve_layer(one, n_layers) for one in (layer if isinstance(layer, tuple) else
+                                                                        (layer,))))
 
 
 class _Enough(Exception):
@@ -182,6 +193,17 @@ def refusal_direction(model: Any, tokenizer: Any, harmful: Sequence[str], harmle
     return unit_direction(mean_differences(model, tokenizer, harmful, harmless, [layer], batch_size)[0], layer)
 
 
+def orthonormal_basis(directions: torch.Tensor) -> torch.Tensor:
+    """(hidden, k) orthonormal columns spanning the rows of `directions` ((k, hidden) or one (hidden,) vector)."""
+    rows = directions.detach().float().reshape(-1, directions.shape[-1])
+    q, r = torch.linalg.qr(rows.T)
+    diagonal = r.diagonal().abs()
+    if not bool((diagonal > 1e-4 * rows.norm(dim=1).max()).all()):
+        raise QuantsafeError(f"abliteration: the {len(rows)} directions are linearly dependent (or zero); name "
+                             "fewer layers")
+    return q
+
+
 def residual_writers(model: Any) -> list[tuple[str, Any]]:
     """(name, Linear) of every block's attention output and MLP down projection: what adds to the stream."""
     out = []
@@ -196,23 +218,23 @@ def residual_writers(model: Any) -> list[tuple[str, Any]]:
 
 
 @torch.no_grad()
-def orthogonalize(model: Any, direction: torch.Tensor) -> None:
-    """Project `direction` out of everything that writes to the residual stream, in place (fp32 arithmetic, stored
-    back in each weight's dtype): embedding rows, o_proj and down_proj columns' outputs, and their biases."""
+def orthogonalize(model: Any, directions: torch.Tensor) -> None:
+    """Project a direction (hidden,) or the span of several (k, hidden) out of everything that writes to the
+    residual stream, in place (fp32 arithmetic, stored back in each weight's dtype): embedding rows, o_proj and
+    down_proj outputs, and their biases. Lengths do not matter."""
     embedding = model.get_input_embeddings().weight
-    if direction.shape != (embedding.shape[1],):
-        raise QuantsafeError(f"abliteration: direction of shape {tuple(direction.shape)} does not fit a model of "
+    if directions.shape[-1] != embedding.shape[1] or directions.dim() > 2:
+        raise QuantsafeError(f"abliteration: directions of shape {tuple(directions.shape)} do not fit a model of "
                              f"hidden size {embedding.shape[1]}")
-    r = direction.detach().float().to(embedding.device)
-    r = r / r.norm()
+    q = orthonormal_basis(directions).to(embedding.device)
     w = embedding.float()
-    embedding.copy_(w - torch.outer(w @ r, r))  # rows: each token's embedding loses its r component
+    embedding.copy_(w - (w @ q) @ q.T)  # rows: each token's embedding loses its component in the span
     for _name, linear in residual_writers(model):
-        w = linear.weight.float()  # (hidden, in): outputs are columns' combinations
-        linear.weight.copy_(w - torch.outer(r, r @ w))
+        w = linear.weight.float()  # (hidden, in): every output is a combination of its columns
+        linear.weight.copy_(w - q @ (q.T @ w))
         if linear.bias is not None:
             b = linear.bias.float()
-            linear.bias.copy_(b - r * (r @ b))
+            linear.bias.copy_(b - q @ (q.T @ b))
 
 
 def compute_abliteration_id(base_sha256: str, cfg: AbliterationConfig, harmful: Sequence[str],
@@ -278,16 +300,17 @@ def abliterate_variant(resolved: ResolvedModel, cfg: AbliterationConfig, harmful
 
     model, tokenizer = load_model(resolved, dtype)
     n_layers = len(decoder_blocks(model))
-    layer = resolve_layer(cfg.layer, n_layers)
-    difference = mean_differences(model, tokenizer, harmful, harmless, [layer], cfg.batch_size)[0]
-    direction = unit_direction(difference, layer)
-    orthogonalize(model, direction)
+    layers = resolve_layers(cfg.layer, n_layers)
+    differences = mean_differences(model, tokenizer, harmful, harmless, layers, cfg.batch_size)
+    directions = torch.stack([unit_direction(diff, layer) for diff, layer in zip(differences, layers, strict=True)])
+    orthogonalize(model, directions)
     model.to(STORED_DTYPE)
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     artifact = AbliteratedArtifact(
-        artifact_id=artifact_id, config=cfg, layer=layer, n_layers=n_layers, base_model=resolved.name,
+        artifact_id=artifact_id, config=cfg, layer=layers if isinstance(cfg.layer, tuple) else layers[0],
+        n_layers=n_layers, base_model=resolved.name,
         base_source_sha256=resolved.source_sha256, compute_dtype=dtype_name(dtype),
-        direction_norm=float(difference.norm()),
+        direction_norms=[round(float(diff.norm()), 6) for diff in differences],
         tied_embeddings=head is not None and head.weight.data_ptr() == embedding.weight.data_ptr(),
         harmful=list(harmful), harmless=list(harmless), versions=_versions(), seconds=0.0,
         created_utc=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -297,18 +320,18 @@ def abliterate_variant(resolved: ResolvedModel, cfg: AbliterationConfig, harmful
     with _atomic_dir(final) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        save_file({"direction": direction.contiguous()}, str(tmp / DIRECTION_FILE))
+        save_file({"directions": directions.contiguous()}, str(tmp / DIRECTION_FILE))
         artifact.seconds = round(time.perf_counter() - start, 2)
         (tmp / MANIFEST_FILE).write_text(artifact.model_dump_json(indent=2), encoding="utf-8")
     artifact.path = final
     return artifact
 
 
-def load_direction(path: Path) -> torch.Tensor:
-    """The unit refusal direction an artifact was made with (fp32)."""
+def load_directions(path: Path) -> torch.Tensor:
+    """(len(layers), hidden): the unit refusal directions an artifact was made with, one per layer (fp32)."""
     from safetensors.torch import load_file
 
-    return load_file(str(Path(path) / DIRECTION_FILE))["direction"]
+    return load_file(str(Path(path) / DIRECTION_FILE))["directions"]
 
 
 def load_abliterated(path: Path | str, dtype: torch.dtype = torch.bfloat16) -> tuple[Any, Any]:
