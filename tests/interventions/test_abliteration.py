@@ -181,7 +181,7 @@ def test_orthogonalize_projects_out_the_span_of_several_directions(tiny_checkpoi
 
 def test_config_validates_and_resolves_layers() -> None:
     cfg = AbliterationConfig()
-    assert cfg.version == 1 and isinstance(cfg.layer, float)
+    assert cfg.version == 2 and resolve_layers(cfg.layer, 24) == [12, 13]
     with pytest.raises(ValidationError):
         AbliterationConfig(layer=1.5)
     with pytest.raises(ValidationError):
@@ -212,7 +212,7 @@ def test_artifact_id_follows_texts_config_version_and_dtype_not_source_paths() -
         compute_abliteration_id("sha", cfg, [*HARMFUL[:-1], HARMFUL[-1] + "!"], HARMLESS, torch.bfloat16),
         compute_abliteration_id("sha", cfg, HARMFUL, HARMLESS[1:], torch.bfloat16),
         compute_abliteration_id("sha", cfg.model_copy(update={"layer": 3}), HARMFUL, HARMLESS, torch.bfloat16),
-        compute_abliteration_id("sha", AbliterationConfig(version=2), HARMFUL, HARMLESS, torch.bfloat16),
+        compute_abliteration_id("sha", AbliterationConfig(version=3), HARMFUL, HARMLESS, torch.bfloat16),
         compute_abliteration_id("sha", cfg, HARMFUL, HARMLESS, torch.float32),
     ]
     assert len({base, *changed}) == len(changed) + 1

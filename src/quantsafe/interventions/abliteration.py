@@ -41,13 +41,14 @@ from quantsafe.models import ResolvedModel, load_model
 from quantsafe.models.dtype import dtype_name
 from quantsafe.quantization.artifact import _versions
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_FILE = "abliteration.json"
 DIRECTION_FILE = "refusal_directions.safetensors"
 STORED_DTYPE = torch.bfloat16
 RESIDUAL_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
-DEFAULT_LAYER = 0.5
-"""Fraction of depth (block 12 of 24 on qwen2.5-coder-0.5b); bench/abliteration.py sweeps the alternatives."""
+DEFAULT_LAYER = (0.5, 0.54)
+"""Fractions of depth: blocks 12 and 13 of qwen2.5-coder-0.5b, whose two directions together remove refusals where
+any single layer's barely does (bench/abliteration.py); other models may need their own (SmolLM2 breaks there)."""
 
 
 class AbliterationConfig(BaseModel):
@@ -62,7 +63,7 @@ class AbliterationConfig(BaseModel):
     harmful_sources: tuple[str, ...] = DEFAULT_HARMFUL_SOURCES
     harmless_sources: tuple[str, ...] = DEFAULT_HARMLESS_SOURCES
     batch_size: int = Field(16, ge=1)
-    version: int = 1  # of the algorithm: bumped when a fix changes results, so an artifact made before is not reused
+    version: int = 2  # of the algorithm: bumped when a fix changes results, so an artifact made before is not reused
 
     @field_validator("layer")
     @classmethod
