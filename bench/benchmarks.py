@@ -132,13 +132,13 @@ def _safetybench(model_name: str, dtype: torch.dtype, batch_size: int, work: Pat
 
 
 def _abliteration(model_name: str, dtype: torch.dtype, work: Path, per_scenario: int, max_new_tokens: int,
-                  ppl_windows: int) -> dict[str, Any]:
+                  ppl_windows: int, extra: list[str]) -> dict[str, Any]:
     """The negative control through the real study runner, then perplexity of both variants."""
     cfg = StudyConfig.model_validate({
         "name": "abliteration-control", "models": [model_name], "artifacts_dir": str(work / "artifacts"),
         "variants": [{"method": "none"}, {"abliterate": {}}],
-        "benchmarks": [{"name": "opensafetymini", "limit_per_scenario": per_scenario},
-                       {"name": "safetybench-dev"}, {"name": "hotpotqa"}, {"name": "xstest", "limit": 50}],
+        "benchmarks": [{"name": "opensafetymini", "limit_per_scenario": per_scenario}, {"name": "safetybench-dev"},
+                       *({"name": name, "limit": 48} for name in extra)],
         "decoding": {"max_new_tokens": max_new_tokens, "batch_size": 16},
         "judges": [{"kind": "trained"}, {"kind": "heuristic"}],
         "validation": {"sets": ["mistralinstruct_even_ids"], "limit_per_set": 48},
@@ -187,6 +187,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--osm-per-scenario", type=int, default=16)
     ap.add_argument("--ppl-windows", type=int, default=40)
+    ap.add_argument("--control-extra", nargs="*", default=["hotpotqa", "xstest"],
+                    help="benchmarks the control also runs (48 items each) beside OpenSafetyMini and SafetyBench")
     ap.add_argument("--work", type=Path, default=Path("out/bench-benchmarks"))
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -203,7 +205,7 @@ def main() -> None:
             value = _safetybench(args.model, dtype, args.batch_size, args.work)
         elif part == "abliteration":
             value = _abliteration(args.model, dtype, args.work, args.osm_per_scenario, args.max_new_tokens,
-                                  args.ppl_windows)
+                                  args.ppl_windows, args.control_extra)
         else:
             raise SystemExit(f"unknown part {part}")
         result[part] = value | {"dtype": dtype_name(dtype), "wall_s": time.perf_counter() - start,
