@@ -163,10 +163,10 @@ def _abliteration(model_name: str, dtype: torch.dtype, work: Path, per_scenario:
              for m in metrics if m.scenario == ALL and m.metric in ("accuracy", "in_accuracy", "refusal_rate_safe",
                                                                     "compliance_rate_unsafe", "broken")]
     resolved = resolve_model(model_name)
-    ppl = {"none": wikitext2_perplexity(*load_model(resolved, dtype), None, 512, ppl_windows)}
+    ppl = {"none": wikitext2_perplexity(*load_model(resolved, dtype), None, 512, ppl_windows).ppl}
     ablated = next(v for v in variants if v.method == "abliterated")
     ppl["abliterated"] = wikitext2_perplexity(*load_abliterated(Path(str(ablated.artifact_path)), dtype), None, 512,
-                                              ppl_windows)
+                                              ppl_windows).ppl
     trained = next(r for r in safety if r["method"] == "abliterated" and r["judge"] == "trained")
     return {"model": model_name, "study_seconds": study_s, "variant_config": ablated.config,
             "osm_per_scenario": per_scenario, "max_new_tokens": max_new_tokens, "safety": safety, "other": other,
