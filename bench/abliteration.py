@@ -135,7 +135,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--candidates", type=_candidate, nargs="+",
-                    default=[[12], [13], [14], [16], [12, 13], [11, 13], [13, 14], [12, 14]],
+                    default=[[12], [13], [14], [12, 13], [11, 13], [13, 14], [12, 14]],
                     help="layer sets: 14 is one layer's direction, 12,14 the span of two layers' directions")
     ap.add_argument("--n-select", type=int, default=64, help="OpenSafetyMini prompts the candidates are ranked on")
     ap.add_argument("--n-test", type=int, default=64, help="other OpenSafetyMini prompts, for the chosen only")

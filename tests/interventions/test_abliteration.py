@@ -181,7 +181,7 @@ def test_orthogonalize_projects_out_the_span_of_several_directions(tiny_checkpoi
 
 def test_config_validates_and_resolves_layers() -> None:
     cfg = AbliterationConfig()
-    assert cfg.version == 2 and resolve_layers(cfg.layer, 24) == [12, 13]
+    assert cfg.version == 2 and resolve_layers(cfg.layer, 24) == [11, 13]
     with pytest.raises(ValidationError):
         AbliterationConfig(layer=1.5)
     with pytest.raises(ValidationError):

@@ -46,9 +46,10 @@ MANIFEST_FILE = "abliteration.json"
 DIRECTION_FILE = "refusal_directions.safetensors"
 STORED_DTYPE = torch.bfloat16
 RESIDUAL_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
-DEFAULT_LAYER = (0.5, 0.54)
-"""Fractions of depth: blocks 12 and 13 of qwen2.5-coder-0.5b, whose two directions together remove refusals where
-any single layer's barely does (bench/abliteration.py); other models may need their own (SmolLM2 breaks there)."""
+DEFAULT_LAYER = (0.46, 0.54)
+"""Fractions of depth: blocks 11 and 13 of qwen2.5-coder-0.5b, whose two directions together remove refusals where
+no single layer's does (bench/abliteration.py: refusals -22 points on held-out OpenSafetyMini prompts, perplexity
++13%); other models may need their own (SmolLM2 loses much more perplexity there)."""
 
 
 class AbliterationConfig(BaseModel):
