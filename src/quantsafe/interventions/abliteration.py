@@ -22,11 +22,9 @@ directory appears only by renaming a finished temporary one, so a killed run lea
 from __future__ import annotations
 
 import datetime as _dt
-import os
-import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,7 @@ from quantsafe.hashing import stable_hash
 from quantsafe.interventions.instructions import DEFAULT_HARMFUL_SOURCES, DEFAULT_HARMLESS_SOURCES, check_source
 from quantsafe.models import ResolvedModel, load_model
 from quantsafe.models.dtype import dtype_name
-from quantsafe.quantization.artifact import _versions
+from quantsafe.quantization.artifact import _versions, atomic_dir
 
 SCHEMA_VERSION = 2
 MANIFEST_FILE = "abliteration.json"
@@ -264,26 +262,6 @@ def read_abliteration_manifest(path: Path) -> AbliteratedArtifact:
     return artifact
 
 
-@contextmanager
-def _atomic_dir(final: Path) -> Iterator[Path]:
-    """A temporary directory renamed to `final` when the block finishes; removed if it fails or is killed."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished the same artifact first; theirs is equally valid
-            if not (final / MANIFEST_FILE).is_file():
-                raise
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def abliterate_variant(resolved: ResolvedModel, cfg: AbliterationConfig, harmful: list[str], harmless: list[str],
                        artifacts_dir: Path, dtype: torch.dtype = torch.bfloat16) -> AbliteratedArtifact:
     """Abliterate `resolved` with these instructions and save it under `artifacts_dir`, or reuse the one there.
@@ -319,7 +297,7 @@ def abliterate_variant(resolved: ResolvedModel, cfg: AbliterationConfig, harmful
     )
     from safetensors.torch import save_file
 
-    with _atomic_dir(final) as tmp:
+    with atomic_dir(final, MANIFEST_FILE) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_file({"directions": directions.contiguous()}, str(tmp / DIRECTION_FILE))

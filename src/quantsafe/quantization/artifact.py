@@ -16,7 +16,8 @@ import datetime as _dt
 import os
 import shutil
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,27 @@ def _tensors_to_save(model: Any, results: dict[str, QuantizedLayer],
     return tensors, aliases
 
 
+@contextmanager
+def atomic_dir(final: Path, manifest: str) -> Iterator[Path]:
+    """A temporary directory renamed to `final` when the block finishes (its `manifest` file written last marks
+    it complete); removed if the block fails or is killed, so no half-written artifact is ever reused."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            tmp.rename(final)
+        except OSError:  # another process finished the same artifact first; theirs is equally valid
+            if not (final / manifest).is_file():
+                raise
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _write_atomically(
     final: Path,
     model: Any,
@@ -234,11 +256,7 @@ def _write_atomically(
 ) -> QuantizedArtifact:
     from safetensors.torch import save_file
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(final, MANIFEST_FILE) as tmp:
         tensors, artifact.aliases = _tensors_to_save(model, results)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "quantsafe", "schema": str(SCHEMA_VERSION)})
         model.config.save_pretrained(tmp)
@@ -246,15 +264,6 @@ def _write_atomically(
         tokenizer.save_pretrained(tmp)
         artifact.seconds = round(time.perf_counter() - start, 2)
         (tmp / MANIFEST_FILE).write_text(artifact.model_dump_json(indent=2), encoding="utf-8")
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished the same artifact first; theirs is equally valid
-            if not (final / MANIFEST_FILE).is_file():
-                raise
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     artifact.path = final
     return artifact
 

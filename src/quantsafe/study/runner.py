@@ -223,18 +223,24 @@ def _evaluate(store: Store, lazy: _Lazy, prompts: Sequence[Prompt], decoding: De
     lazy.release()
 
 
+def _unread(store: Store, variant: VariantRow, gen_key: str, uids: Sequence[str],
+            done: set[tuple[str, str]]) -> list[list[GenerationRow]]:
+    """The variant's stored answers a reader (judge, refusal classifier) has not read yet, in commit-sized chunks;
+    `done` holds (prompt uid, response sha) pairs, so a regenerated answer is read again."""
+    todo = [g for g in store.generations(variant.variant_id, gen_key, uids)
+            if (g.prompt_uid, g.response_sha) not in done]
+    return [todo[start : start + CHUNK] for start in range(0, len(todo), CHUNK)]
+
+
 def _classify_refusals(store: Store, classifier: RefusalClassifier, variants: Sequence[VariantRow],
                        prompts: Sequence[Prompt], gen_key: str, console: Console) -> None:
     """The refusal question (XSTest's over-refusal) for each stored answer not yet classified."""
     uids = [p.uid for p in prompts]
     with _progress(console) as bar:
         for v in variants:
-            done = store.done_refusals(v.variant_id, gen_key, classifier.refusal_id)
-            todo = [g for g in store.generations(v.variant_id, gen_key, uids)
-                    if (g.prompt_uid, g.response_sha) not in done]
-            task = bar.add_task(f"refusal {v.model} {v.precision} {v.method}", total=len(todo))
-            for start in range(0, len(todo), CHUNK):
-                chunk = todo[start : start + CHUNK]
+            chunks = _unread(store, v, gen_key, uids, store.done_refusals(v.variant_id, gen_key, classifier.refusal_id))
+            task = bar.add_task(f"refusal {v.model} {v.precision} {v.method}", total=sum(map(len, chunks)))
+            for chunk in chunks:
                 refused = classifier.classify_refusals([(g.prompt, g.response) for g in chunk])
                 store.add_refusals(RefusalRow(variant_id=v.variant_id, prompt_uid=g.prompt_uid, decoding_id=gen_key,
                                               refusal_id=classifier.refusal_id, response_sha=g.response_sha,
@@ -247,12 +253,9 @@ def _judge_all(store: Store, judge: Judge, variants: Sequence[VariantRow], promp
     uids = [p.uid for p in prompts]
     with _progress(console) as bar:
         for v in variants:
-            done = store.done_judgments(v.variant_id, gen_key, judge.judge_id)
-            todo = [g for g in store.generations(v.variant_id, gen_key, uids)
-                    if (g.prompt_uid, g.response_sha) not in done]
-            task = bar.add_task(f"judge[{judge.mode}] {v.model} {v.precision} {v.method}", total=len(todo))
-            for start in range(0, len(todo), CHUNK):
-                chunk = todo[start : start + CHUNK]
+            chunks = _unread(store, v, gen_key, uids, store.done_judgments(v.variant_id, gen_key, judge.judge_id))
+            task = bar.add_task(f"judge[{judge.mode}] {v.model} {v.precision} {v.method}", total=sum(map(len, chunks)))
+            for chunk in chunks:
                 items = [JudgeItem(scenario=g.scenario, criterion=_criterion(criteria, g.scenario), prompt=g.prompt,
                                    response=g.response) for g in chunk]
                 out = judge.judge(items)
