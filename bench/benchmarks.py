@@ -36,11 +36,12 @@ from quantsafe.judges.spec import JudgeSpec
 from quantsafe.models import DEFAULT_MODEL, load_model, resolve_model
 from quantsafe.models.dtype import dtype_name, resolve_dtype
 from quantsafe.quantization.perplexity import wikitext2_perplexity
+from quantsafe.report.build import item_scores
 from quantsafe.report.metrics import compute_metric_rows
 from quantsafe.report.scores import ALL, compute_scores
 from quantsafe.store import Store
 from quantsafe.study import StudyConfig
-from quantsafe.study.runner import item_scores, run_study
+from quantsafe.study.runner import run_study
 
 OUT = Path(__file__).resolve().parent / "results" / "benchmarks.json"
 TIMED = ("opensafetymini", "xsafety", "xstest", "hotpotqa", "safetybench-dev")

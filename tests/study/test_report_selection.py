@@ -6,8 +6,8 @@ import pytest
 
 from quantsafe.errors import QuantsafeError
 from quantsafe.report import ALL, compute_scores
+from quantsafe.report.build import write_report
 from quantsafe.store import GenerationRow, JudgmentRow, Store, StudyRecord, VariantRow, response_sha
-from quantsafe.study.runner import write_report
 
 
 def _fill(store: Store, decoding_id: str, uids: list[str], verdict: str, max_new_tokens: int) -> None:

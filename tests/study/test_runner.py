@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from quantsafe.report.build import write_report
 from quantsafe.store import Store
 from quantsafe.study import StudyConfig
-from quantsafe.study.runner import run_study, write_report
+from quantsafe.study.runner import run_study
 
 
 @pytest.fixture(scope="module")

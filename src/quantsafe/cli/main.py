@@ -57,8 +57,8 @@ def report(
     paper_results: Annotated[Path | None, typer.Option(help="The paper's results CSV, shown side by side.")] = None,
 ) -> None:
     """Re-write report.md and scores.csv of a recorded study from the store, without running any model."""
+    from quantsafe.report.build import write_report
     from quantsafe.store import Store
-    from quantsafe.study.runner import write_report
 
     with Store.open(out / "quantsafe.db", create=False) as store:
         record = store.study(study)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,8 @@ from quantsafe.backends.base import Backend, DecodingConfig
 from quantsafe.backends.hf import HFBackend
 from quantsafe.backends.openai_compat import OpenAIBackend
 from quantsafe.backends.request_cache import RequestCache
-from quantsafe.benchmarks import Kind, Outcome, Prompt, benchmark, load_benchmark, load_criteria
-from quantsafe.benchmarks.choice import LOW_MASS, score_choices
+from quantsafe.benchmarks import Kind, Prompt, benchmark, load_benchmark, load_criteria
+from quantsafe.benchmarks.choice import score_choices
 from quantsafe.benchmarks.xstest import load_labelled_sets, load_xstest_completions
 from quantsafe.datadir import cache_dir, resolve_data_dir
 from quantsafe.errors import QuantsafeError
@@ -28,7 +27,6 @@ from quantsafe.interventions.abliteration import AbliterationConfig, abliterate_
 from quantsafe.interventions.instructions import select_instructions
 from quantsafe.judges import load_template, validate_judge
 from quantsafe.judges.base import Judge, JudgeItem
-from quantsafe.judges.degeneration import answer_flags, flags_config
 from quantsafe.judges.factory import judge_from_spec
 from quantsafe.judges.validation import RefusalClassifier
 from quantsafe.models import ResolvedModel, load_model, resolve_model
@@ -36,10 +34,8 @@ from quantsafe.models.dtype import dtype_name, resolve_dtype
 from quantsafe.models.imported import ImportedCheckpoint, inspect_import, load_imported
 from quantsafe.models.loading import check_model
 from quantsafe.quantization import load_quantized, quantize_variant
-from quantsafe.report import compute_scores, render_report, scores_csv
-from quantsafe.report.metrics import CHECKS, ItemScore, compute_metric_rows, metrics_csv
-from quantsafe.report.paper import load_paper_safety, paper_results_path
-from quantsafe.report.scores import apply_correction, pooled_safety_confusion
+from quantsafe.report.build import write_report
+from quantsafe.report.paper import paper_results_path
 from quantsafe.store import (
     ChoiceRow,
     GenerationRow,
@@ -48,7 +44,6 @@ from quantsafe.store import (
     Store,
     StudyRecord,
     VariantRow,
-    atomic_write_text,
 )
 from quantsafe.study.config import ServedSpec, StudyConfig, ValidationSpec, VariantSpec
 
@@ -431,74 +426,3 @@ def _validate(store: Store, judge: Judge, data_dir: Path, spec: ValidationSpec, 
                   f"({', '.join(spec.sets)}; up to {spec.limit_per_set or 'all'} items each)")
     for row in validate_judge(judge, data_dir, spec.sets, spec.limit_per_set, spec.seed, skip=done):
         store.put_agreement(judge.judge_id, row.set, row.mapping, sample, row.model_dump(mode="json"))
-
-
-def item_scores(store: Store, study: StudyRecord) -> list[ItemScore]:
-    """Every per-item number of the study that is not a safety verdict: answer checks of each generated answer,
-    reference metrics (HotPotQA), multiple-choice accuracy (SafetyBench) and refusal calls (XSTest)."""
-    items = store.items(study.prompt_uids)
-    out: list[ItemScore] = []
-
-    def add(vid: str, uid: str, bench: str, scenario: str, source: str, outcome: Outcome) -> None:
-        definition, item = benchmark(bench), items.get(uid)
-        if definition.metrics is not None and item is not None:
-            metrics = definition.metrics(item, outcome)
-            if metrics:
-                out.append(ItemScore(vid, uid, bench, scenario, source, metrics))
-
-    for vid in study.variant_ids:
-        for g in store.generations(vid, study.decoding_id, study.prompt_uids):
-            flags = answer_flags(g.response, g.lang, g.finished)
-            checks = {"broken": float(flags.broken)} | {k: float(v) for k, v in flags.model_dump().items()}
-            out.append(ItemScore(vid, g.prompt_uid, g.benchmark, g.scenario, CHECKS, checks))
-            if benchmark(g.benchmark).kind == Kind.REFERENCE:
-                add(vid, g.prompt_uid, g.benchmark, g.scenario, "", Outcome(response=g.response))
-    if study.scoring_id is not None:
-        for c in store.choices(study.scoring_id, study.variant_ids, study.prompt_uids):
-            item = items.get(c.prompt_uid)
-            if item is not None:
-                add(c.variant_id, c.prompt_uid, item.benchmark, item.scenario, "", Outcome(prediction=c.prediction))
-                out.append(ItemScore(c.variant_id, c.prompt_uid, item.benchmark, item.scenario, "",
-                                     {"valid_mass": c.valid_mass, "low_valid_mass": float(c.valid_mass < LOW_MASS)}))
-    for r in store.refusals(study.decoding_id, study.refusal_ids, study.variant_ids, study.prompt_uids):
-        item = items.get(r.prompt_uid)
-        if item is not None:
-            add(r.variant_id, r.prompt_uid, item.benchmark, item.scenario, r.refusal_id, Outcome(refused=r.refused))
-    return out
-
-
-def _expected_cells(store: Store, study: StudyRecord, n_judges: int) -> int:
-    """Cells the study defines: judged items per judge, refusal items per classifier, choice items once."""
-    items = store.items(study.prompt_uids).values()
-    counts = Counter((benchmark(p.benchmark).kind, benchmark(p.benchmark).question) for p in items)
-    per_variant = (counts[(Kind.JUDGED, "safety")] * n_judges + counts[(Kind.JUDGED, "refusal")]
-                   * len(study.refusal_ids) + sum(n for (kind, _), n in counts.items() if kind == Kind.CHOICE))
-    return len(study.variant_ids) * per_variant if items else len(study.variant_ids) * len(study.prompt_uids) * n_judges
-
-
-def write_report(store: Store, out_dir: Path, study: StudyRecord, paper_results: Path | None = None) -> Path:
-    """report.md, scores.csv and metrics.csv from exactly the study's cells in the store (no model runs)."""
-    variants = store.variants(study.variant_ids)
-    by_id = {j["judge_id"]: j for j in store.judges()}
-    judges = [by_id[j] for j in study.judge_ids if j in by_id]
-    judged = [r for r in store.judged(decoding_id=study.decoding_id, variant_ids=study.variant_ids,
-                                      prompt_uids=study.prompt_uids) if r["judge_id"] in study.judge_ids]
-    agreement = ([a for j in judges for a in store.agreement(j["judge_id"], study.validation_sample)]
-                 if study.validation_sample else [])
-    scores = apply_correction(compute_scores(judged, variants), pooled_safety_confusion(agreement))
-    per_item = item_scores(store, study)
-    metrics = compute_metric_rows(per_item, variants)
-    recorded = Path(study.paper_results) if study.paper_results else None
-    paper_path = paper_results or recorded
-    paper = load_paper_safety(paper_path) if paper_path else []
-    n_choices = sum("valid_mass" in s.metrics for s in per_item)
-    n_refusals = sum(s.source not in ("", CHECKS) for s in per_item)
-    done = len(judged) + n_choices + n_refusals
-    text = render_report(study.name, variants, scores, judges, agreement, study.models, study.decoding, paper,
-                         completeness=(done, _expected_cells(store, study, len(judges))), metrics=metrics,
-                         checks_config=flags_config())
-    atomic_write_text(out_dir / "scores.csv", scores_csv(scores))
-    atomic_write_text(out_dir / "metrics.csv", metrics_csv(metrics))
-    report = out_dir / "report.md"
-    atomic_write_text(report, text)
-    return report
