@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from itertools import combinations
 
+import numpy as np
 import pytest
 
 from quantsafe.stats import accuracy, cohen_kappa, krippendorff_alpha_nominal, majority_label
@@ -113,3 +114,70 @@ def test_kappa_ci_undefined_when_both_constant():
     from quantsafe.stats.agreement import cohen_kappa_ci
 
     assert cohen_kappa_ci(["x"] * 5, ["x"] * 5) is None
+
+
+# Fleiss (1971) as worked on Wikipedia ("Fleiss' kappa", worked example): 10 subjects, 14 raters, 5 categories;
+# P-bar = 0.378, P-bar_e = 0.213, kappa = 0.210. Rows are how many raters chose each category.
+FLEISS_TABLE = [
+    [0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
+    [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7],
+]
+
+
+def _units_from_counts(table: list[list[int]]) -> list[list[str | None]]:
+    return [[str(k) for k, c in enumerate(row) for _ in range(c)] for row in table]
+
+
+def test_fleiss_kappa_textbook_example() -> None:
+    from quantsafe.stats.agreement import fleiss_kappa
+
+    kappa = fleiss_kappa(_units_from_counts(FLEISS_TABLE))
+    # By hand: P-bar = sum_i (sum_j n_ij^2 - 14) / (14 * 13) / 10; p_j = column sums / 140.
+    p_bar = sum((sum(c * c for c in row) - 14) / (14 * 13) for row in FLEISS_TABLE) / 10
+    p_e = sum((sum(row[j] for row in FLEISS_TABLE) / 140) ** 2 for j in range(5))
+    assert p_bar == pytest.approx(0.378, abs=5e-4) and p_e == pytest.approx(0.213, abs=5e-4)
+    assert kappa == pytest.approx((p_bar - p_e) / (1 - p_e))
+    assert kappa == pytest.approx(0.210, abs=5e-4)
+
+
+def test_fleiss_kappa_matches_statsmodels() -> None:
+    """Test-only cross-check against statsmodels (skipped where it is not installed)."""
+    inter_rater = pytest.importorskip("statsmodels.stats.inter_rater")
+    from quantsafe.stats.agreement import fleiss_kappa
+
+    assert fleiss_kappa(_units_from_counts(FLEISS_TABLE)) == pytest.approx(inter_rater.fleiss_kappa(FLEISS_TABLE))
+    rng = np.random.default_rng(1)
+    table = rng.multinomial(5, [0.6, 0.2, 0.15, 0.05], size=40)
+    assert fleiss_kappa(_units_from_counts(table.tolist())) == pytest.approx(inter_rater.fleiss_kappa(table))
+
+
+def test_fleiss_kappa_missing_ratings_use_the_generalised_form() -> None:
+    from quantsafe.stats.agreement import fleiss_kappa
+
+    # None cells are ignored: the same units with extra empty cells give the same kappa
+    units = [["a", "a", "b"], ["b", "b", "b"], ["a", "b", "a"]]
+    assert fleiss_kappa([[*u, None] for u in units]) == pytest.approx(fleiss_kappa(units))
+    # varying counts, by hand (Gwet's generalisation): units (a,a) (a,b,b) (b) ->
+    # p_a = mean over units with >= 2 ratings of sum r(r-1) / (m(m-1)) = (2/2 + 2/6) / 2 = 2/3;
+    # pi_a = mean over rated units of a's share = (1 + 1/3 + 0) / 3 = 4/9, pi_b = 5/9; p_e = (16 + 25) / 81
+    p_a, p_e = 2 / 3, 41 / 81
+    assert fleiss_kappa([["a", "a", None], ["a", "b", "b"], [None, "b", None]]) == pytest.approx(
+        (p_a - p_e) / (1 - p_e))
+    assert math.isnan(fleiss_kappa([["a", "a"], ["a", "a"]]))  # no variation: undefined
+    assert fleiss_kappa([["a", "b"], ["b", "a"]]) == pytest.approx(-1.0)
+
+
+def test_unit_bootstrap_ci() -> None:
+    from quantsafe.stats.agreement import fleiss_kappa, unit_bootstrap_ci
+
+    units = _kripp_units()
+    lo, hi = unit_bootstrap_ci(units, "alpha")
+    assert lo < krippendorff_alpha_nominal(units) < hi <= 1.0
+    many = _units_from_counts(FLEISS_TABLE)
+    lo, hi = unit_bootstrap_ci(many, "fleiss")
+    assert lo < fleiss_kappa(many) < hi
+    lo4, hi4 = unit_bootstrap_ci(many * 4, "fleiss")
+    assert hi4 - lo4 < hi - lo
+    assert unit_bootstrap_ci(many, "fleiss", seed=3) == unit_bootstrap_ci(many, "fleiss", seed=3)
+    assert unit_bootstrap_ci([["a", "a"], ["a", "a"]], "alpha") is None
+    assert unit_bootstrap_ci([], "alpha") is None

@@ -1,12 +1,12 @@
 """Agreement statistics: judge vs human (accuracy, Cohen's kappa), humans among themselves (Krippendorff's
-alpha), and the paper's majority vote with its conservative tie-break."""
+alpha, Fleiss' kappa), and the paper's majority vote with its conservative tie-break."""
 
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Hashable, Sequence
-from itertools import permutations
+from typing import Literal
 
 import numpy as np
 
@@ -43,6 +43,49 @@ def cohen_kappa(a: Sequence[Hashable], b: Sequence[Hashable]) -> float:
     return (p_o - p_e) / (1.0 - p_e)
 
 
+def label_counts(ratings: Sequence[Sequence[str | None]]) -> np.ndarray:
+    """units x labels matrix of how many raters gave each label (None = no rating), the form every
+    multi-rater statistic here works on, so a bootstrap over units is one fancy index."""
+    labels = sorted({v for unit in ratings for v in unit if v is not None})
+    index = {lab: i for i, lab in enumerate(labels)}
+    counts = np.zeros((len(ratings), len(labels)))
+    for u, unit in enumerate(ratings):
+        for v in unit:
+            if v is not None:
+                counts[u, index[v]] += 1
+    return counts
+
+
+def _alpha_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Nominal alpha of count matrices (..., units, labels); NaN where undefined."""
+    m = counts.sum(-1)
+    pairable = m >= 2
+    c = counts * pairable[..., None]
+    n = c.sum((-2, -1))
+    n_c = c.sum(-2)
+    # sum over ordered pairs of different values in a unit is m^2 - sum_c n_uc^2, weighted 1/(m-1)
+    within = np.where(pairable, (m**2 - (counts**2).sum(-1)) / np.where(pairable, m - 1, 1), 0.0).sum(-1)
+    expected = n**2 - (n_c**2).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n > 1) & (expected > 0), 1.0 - (n - 1) * within / expected, np.nan)
+
+
+def _fleiss_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Fleiss' kappa generalised to a varying number of raters per unit (Gwet, Handbook of Inter-Rater
+    Reliability, 4th ed. 2014, "Fleiss' generalized kappa"): observed agreement averaged over units with >= 2
+    ratings, chance agreement from each unit's label shares averaged over units with >= 1 rating. With the same
+    number of raters on every unit it is exactly Fleiss (1971). NaN where undefined."""
+    m = counts.sum(-1)
+    pairable, rated = m >= 2, m >= 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        agree = np.where(pairable, (counts * (counts - 1)).sum(-1) / np.where(pairable, m * (m - 1), 1), 0.0)
+        p_a = agree.sum(-1) / pairable.sum(-1)
+        shares = np.where(rated[..., None], counts / np.where(rated, m, 1)[..., None], 0.0)
+        pi = shares.sum(-2) / rated.sum(-1)[..., None]
+        p_e = (pi**2).sum(-1)
+        return np.where(np.isclose(p_e, 1.0), np.nan, (p_a - p_e) / (1.0 - p_e))
+
+
 def krippendorff_alpha_nominal(ratings: Sequence[Sequence[str | None]]) -> float:
     """Krippendorff's alpha for nominal data; `ratings` is units x coders, None where a coder gave no value.
 
@@ -50,25 +93,38 @@ def krippendorff_alpha_nominal(ratings: Sequence[Sequence[str | None]]) -> float
     pair of values from different coders; alpha = 1 - (n-1) * D_o / sum_{c != k} n_c n_k. Units with fewer
     than two values are not pairable and are dropped. Returns NaN when there is no variation at all.
     """
-    coincidence: defaultdict[tuple[str, str], float] = defaultdict(float)
-    for unit in ratings:
-        values = [v for v in unit if v is not None]
-        m = len(values)
-        if m < 2:
-            continue
-        for c, k in permutations(values, 2):
-            coincidence[(c, k)] += 1.0 / (m - 1)
-    n_c: defaultdict[str, float] = defaultdict(float)
-    for (c, _k), o in coincidence.items():
-        n_c[c] += o
-    n = sum(n_c.values())
-    if n <= 1:
-        return math.nan
-    observed = sum(o for (c, k), o in coincidence.items() if c != k)
-    expected = sum(n_c[c] * n_c[k] for c in n_c for k in n_c if c != k)
-    if expected == 0:
-        return math.nan
-    return 1.0 - (n - 1) * observed / expected
+    return float(_alpha_from_counts(label_counts(ratings)))
+
+
+def fleiss_kappa(ratings: Sequence[Sequence[str | None]]) -> float:
+    """Fleiss' kappa between many raters; `ratings` is units x raters, None where a rater gave no label.
+
+    Fleiss (1971) assumes the same number of raters per unit; annotation rarely gives that, so units with
+    different counts use the generalised form (see `_fleiss_from_counts`) rather than dropping units. Units with
+    a single rating only enter the chance term. NaN when every rating is the same label or no unit has two.
+    """
+    return float(_fleiss_from_counts(label_counts(ratings)))
+
+
+def unit_bootstrap_ci(
+    ratings: Sequence[Sequence[str | None]], statistic: Literal["alpha", "fleiss"], confidence: float = 0.95,
+    n_bootstrap: int = 1000, seed: int = 0,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of Krippendorff's alpha or Fleiss' kappa, resampling units (the items,
+    not the people, are the sample); resamples where the statistic is undefined are dropped, None when none
+    defines it."""
+    counts = label_counts(ratings)
+    if not len(counts):
+        return None
+    idx = np.random.default_rng(seed).integers(0, len(counts), (n_bootstrap, len(counts)))
+    compute = _alpha_from_counts if statistic == "alpha" else _fleiss_from_counts
+    values = compute(counts[idx])
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return None
+    alpha = (1.0 - confidence) / 2
+    low, high = np.quantile(values, [alpha, 1.0 - alpha])
+    return float(low), float(high)
 
 
 def majority_label(labels: Sequence[str | None], priority: Sequence[str] = PAPER_PRIORITY) -> str:
