@@ -67,6 +67,15 @@ def _criteria(data_dir: Path | None) -> dict[str, str]:
         return {}
 
 
+def first_open(items: list[SampleItem], labelled: set[str], after: int = 0) -> int | None:
+    """1-based position of the next unlabelled item after position `after`, wrapping around."""
+    for step in range(len(items)):
+        k = (after + step) % len(items)
+        if items[k].unit_id not in labelled:
+            return k + 1
+    return None
+
+
 def create_app(config: AppConfig, clock: Callable[[], float] = time.time) -> FastAPI:
     """The annotation app over one study's store; `clock` lets tests age sessions and sign-in failures."""
     annotations = AnnotationStore(config.db_path)
@@ -114,15 +123,6 @@ def create_app(config: AppConfig, clock: Callable[[], float] = time.time) -> Fas
 
     def queue(annotator: str) -> list[SampleItem]:
         return annotator_order(annotations.sample(study_id), annotator, study_id)
-
-    def first_open(items: list[SampleItem], labelled: set[str], after: int = 0) -> int | None:
-        """1-based position of the next unlabelled item after `after`, wrapping around."""
-        n = len(items)
-        for step in range(n):
-            k = (after + step) % n
-            if items[k].unit_id not in labelled:
-                return k + 1
-        return None
 
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> Response:

@@ -15,9 +15,9 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from quantsafe.errors import QuantsafeError
 from quantsafe.store import Store
@@ -45,13 +45,16 @@ def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+Key = Annotated[str, Field(min_length=1)]
+
+
 class Unit(BaseModel, frozen=True):
     """One generated answer: a judgment's key without the judge."""
 
-    variant_id: str
-    prompt_uid: str
-    decoding_id: str
-    response_sha: str
+    variant_id: Key
+    prompt_uid: Key
+    decoding_id: Key
+    response_sha: Key
 
     @property
     def unit_id(self) -> str:
