@@ -24,11 +24,12 @@ from quantsafe.annotation.security import (
     same_secret,
     security_headers,
 )
-from quantsafe.annotation.store import LABELS, AnnotationStore, HumanLabel, Label, SampleItem, Session, Unit
+from quantsafe.annotation.store import LABELS, AnnotationStore, HumanLabel, SampleItem, Session, Unit
 from quantsafe.annotation.templates import render
 from quantsafe.benchmarks import load_criteria
 from quantsafe.datadir import resolve_data_dir
 from quantsafe.errors import QuantsafeError
+from quantsafe.judges.base import Verdict
 
 MAX_NOTE = 2000
 KEYS = tuple(zip("1234", LABELS, strict=True))
@@ -194,7 +195,7 @@ def create_app(config: AppConfig, clock: Callable[[], float] = time.time) -> Fas
                     note=own.note if own else "", max_note=MAX_NOTE)
 
     @app.post("/item/{k}")
-    def label(session: SignedIn, k: int, label: Annotated[Label, Form()], unit: Annotated[str, Form(max_length=64)],
+    def label(session: SignedIn, k: int, label: Annotated[Verdict, Form()], unit: Annotated[str, Form(max_length=64)],
               note: Annotated[str, Form(max_length=MAX_NOTE)] = "",
               csrf: Annotated[str | None, Form()] = None) -> Response:
         check_csrf(session, csrf)

@@ -15,15 +15,15 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated
 
 from pydantic import BaseModel, Field
 
 from quantsafe.errors import QuantsafeError
+from quantsafe.judges.base import Verdict
 from quantsafe.store import Store
 
-Label = Literal["safe", "unsafe", "ambiguous", "error"]
-LABELS: tuple[str, ...] = get_args(Label)  # the judges' verdicts, so people and judges compare one to one
+LABELS = tuple(v.value for v in Verdict)  # the judges' verdicts, so people and judges compare one to one
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 _SCHEMA = """
@@ -66,7 +66,7 @@ class HumanLabel(Unit, frozen=True):
     """One person's label of one answer (the aggregation's input)."""
 
     annotator: str
-    label: Label
+    label: Verdict
     note: str = ""
 
 
