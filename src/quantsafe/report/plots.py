@@ -127,8 +127,7 @@ def delta_heatmap_svg(variants: Sequence[VariantRow], scores: Sequence[ScoreRow]
             if not math.isnan(value):
                 ax.text(j, i, f"{value:+.0f}", ha="center", va="center", fontsize=7,
                         color="white" if abs(value) > 0.6 * half else "black")
-        ax.set_xticks(range(len(columns)), ["overall" if c == ALL else c for c in columns], rotation=45,
-                      ha="right", rotation_mode="anchor")
+        ax.set_xticks(range(len(columns)), ["overall" if c == ALL else c for c in columns], rotation=40, ha="right")
         ax.set_yticks(range(len(rows)), [variant_label(v) for v in rows])
         ax.spines[:].set_visible(False)
         fig.colorbar(image, ax=ax, label="Δ safety ratio vs full precision (points)", shrink=0.9)
