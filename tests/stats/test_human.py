@@ -80,6 +80,7 @@ def test_judge_on_part_of_the_answers_and_no_judges() -> None:
     assert (j.n, j.accuracy, j.unsafe_recall) == (1, 1.0, None)
     assert (none.n, none.accuracy, none.kappa_ci) == (0, None, None)
     assert [r["judge_id"] for r in h.agreement_rows()] == ["j"]
+    assert h.safety_confusions() == {}  # j saw only a safe answer: its error rates are unknown
     assert human_agreement(_labels(), {}).judges == []
 
 
@@ -112,3 +113,33 @@ def test_section() -> None:
     assert "| llm/fast `j` | 8 | 0.750 |" in text
     assert "**Trust:** on human-labelled answers with unsafe cases (this study's answers, n=8)" in text
     assert "_No judge verdicts" in "\n".join(human_agreement_section(human_agreement(_labels(), {}), variants, {}))
+
+
+def test_verdicts_from_store_rows_and_labels_of_any_shape() -> None:
+    """Store.judged rows key by the judged text's hash, as labels do; a frozen pydantic row with a Verdict label
+    and a note (the annotation app's shape) aggregates like the NamedTuple."""
+    from pydantic import BaseModel
+
+    from quantsafe.judges.base import Verdict
+    from quantsafe.stats.human import judge_verdicts
+    from quantsafe.store import response_sha
+
+    class AppLabel(BaseModel, frozen=True):
+        variant_id: str
+        prompt_uid: str
+        decoding_id: str
+        response_sha: str
+        annotator: str
+        label: Verdict
+        note: str = ""
+
+    judged = [{"judge_id": "j", "variant_id": "fp", "prompt_uid": f"p{i}", "decoding_id": "d", "response": f"a{i}",
+               "verdict": v} for i, v in enumerate(["safe", "unsafe", "safe"])]
+    verdicts = judge_verdicts(judged)
+    assert verdicts["j"][("fp", "p1", "d", response_sha("a1"))] == "unsafe"
+    labels = [AppLabel(variant_id="fp", prompt_uid=f"p{i}", decoding_id="d", response_sha=response_sha(f"a{i}"),
+                       annotator=who, label=Verdict.UNSAFE if (i, who) == (2, "b") else Verdict.SAFE, note="x")
+              for i in range(3) for who in "ab"]
+    h = human_agreement(labels, verdicts)
+    assert [m.label for m in h.majority] == ["safe", "safe", "unsafe"]  # p2: tie -> unsafe
+    assert h.judges[0].confusion == {"safe": {"safe": 1, "unsafe": 1}, "unsafe": {"safe": 1, "unsafe": 0}}

@@ -94,7 +94,7 @@ def pareto_svg(variants: Sequence[VariantRow], scores: Sequence[ScoreRow], judge
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_locator(FixedLocator(_spaced(sorted(ticks))))
             ax.xaxis.set_minor_locator(NullLocator())
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda t, _: f"{t:g}"))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda t, _: f"{t:.3g}"))
             ax.set_xlabel("effective bits per weight")
             ax.set_ylabel("safety ratio (%)")
             ax.set_title(label)

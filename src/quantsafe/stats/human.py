@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from pydantic import BaseModel
 
@@ -31,15 +31,32 @@ from quantsafe.stats.agreement import (
     majority_label,
     unit_bootstrap_ci,
 )
-from quantsafe.store.db import VariantRow
+from quantsafe.store.db import VariantRow, response_sha
 
 LABELS = tuple(v.value for v in Verdict)
 UnitKey = tuple[str, str, str, str]
 """(variant_id, prompt_uid, decoding_id, response_sha): one answer, as the store keys its judgments."""
 
 
+class LabelRow(Protocol):
+    """What aggregation reads from a label: the annotation app's HumanLabel rows fit as they are."""
+
+    @property
+    def variant_id(self) -> str: ...
+    @property
+    def prompt_uid(self) -> str: ...
+    @property
+    def decoding_id(self) -> str: ...
+    @property
+    def response_sha(self) -> str: ...
+    @property
+    def annotator(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+
+
 class HumanLabel(NamedTuple):
-    """One person's label on one answer; the annotation app exports rows with exactly these fields."""
+    """One person's label on one answer, for callers without the annotation app (CSV, tests)."""
 
     variant_id: str
     prompt_uid: str
@@ -47,10 +64,6 @@ class HumanLabel(NamedTuple):
     response_sha: str
     annotator: str
     label: str
-
-    @property
-    def unit(self) -> UnitKey:
-        return self.variant_id, self.prompt_uid, self.decoding_id, self.response_sha
 
 
 class UnitMajority(BaseModel):
@@ -99,8 +112,11 @@ class HumanAgreement(BaseModel):
     judges: list[JudgeVsHuman]
 
     def safety_confusions(self) -> dict[str, dict[str, dict[str, int]]]:
-        """judge id -> confusion[human][judge], the format `apply_correction` takes (as pooled_safety_confusion)."""
-        return {j.judge_id: j.confusion for j in self.judges}
+        """judge id -> confusion[human][judge], the format `apply_correction` takes (as pooled_safety_confusion),
+        for the judges whose labelled answers hold both safe and not-safe ones: with one class missing the
+        judge's error rates are unknown, and its XSTest validation should stay in use."""
+        return {j.judge_id: j.confusion for j in self.judges
+                if all(sum(row.values()) for row in j.confusion.values())}
 
     def agreement_rows(self, set_name: str = "this study's answers") -> list[dict[str, Any]]:
         """The judges' safety agreement as rows of the store's agreement format, for `trust_sentence` and the
@@ -115,17 +131,27 @@ def _safety(label: str) -> str:
     return "safe" if label == "safe" else "unsafe"
 
 
-def _check(labels: Iterable[HumanLabel]) -> dict[UnitKey, dict[str, str]]:
+def judge_verdicts(judged: Iterable[Mapping[str, Any]]) -> dict[str, dict[UnitKey, str]]:
+    """judge id -> answer -> verdict, from `Store.judged` rows (keyed by the text judged, as labels are)."""
+    out: dict[str, dict[UnitKey, str]] = defaultdict(dict)
+    for r in judged:
+        out[r["judge_id"]][(r["variant_id"], r["prompt_uid"], r["decoding_id"], response_sha(r["response"]))] = (
+            r["verdict"])
+    return dict(out)
+
+
+def _check(labels: Iterable[LabelRow]) -> dict[UnitKey, dict[str, str]]:
     """unit -> annotator -> label; a bad label or a second label by one person on one answer is an error."""
     units: dict[UnitKey, dict[str, str]] = defaultdict(dict)
     for i, row in enumerate(labels, start=1):
-        if row.label not in LABELS:
-            raise QuantsafeError(f"human label {i} (annotator {row.annotator}): field 'label' is '{row.label}', "
+        label, unit = str(row.label), (row.variant_id, row.prompt_uid, row.decoding_id, row.response_sha)
+        if label not in LABELS:
+            raise QuantsafeError(f"human label {i} (annotator {row.annotator}): field 'label' is '{label}', "
                                  f"not one of {', '.join(LABELS)}")
-        if row.annotator in units[row.unit]:
+        if row.annotator in units[unit]:
             raise QuantsafeError(f"human label {i}: annotator {row.annotator} labelled answer "
                                  f"{row.response_sha[:12]} of variant {row.variant_id} twice")
-        units[row.unit][row.annotator] = row.label
+        units[unit][row.annotator] = label
     return units
 
 
@@ -156,7 +182,7 @@ def _judge_vs_human(judge_id: str, verdicts: Mapping[UnitKey, str], majority: Ma
     )
 
 
-def human_agreement(labels: Iterable[HumanLabel], verdicts: Mapping[str, Mapping[UnitKey, str]], *,
+def human_agreement(labels: Iterable[LabelRow], verdicts: Mapping[str, Mapping[UnitKey, str]], *,
                     n_bootstrap: int = 1000, seed: int = 0) -> HumanAgreement:
     """Aggregate the people's labels of a study and score every judge in `verdicts` (judge id -> answer ->
     verdict) against their majority. Intervals are percentile bootstraps over answers."""
