@@ -118,7 +118,8 @@ def unit_bootstrap_ci(
         return None
     idx = np.random.default_rng(seed).integers(0, len(counts), (n_bootstrap, len(counts)))
     compute = _alpha_from_counts if statistic == "alpha" else _fleiss_from_counts
-    values = compute(counts[idx])
+    # in chunks: resamples x units x labels at once would take gigabytes for a paper-sized study
+    values = np.concatenate([compute(counts[idx[i:i + 100]]) for i in range(0, n_bootstrap, 100)])
     values = values[~np.isnan(values)]
     if not len(values):
         return None
