@@ -19,8 +19,6 @@ from pydantic import BaseModel
 
 from quantsafe.errors import QuantsafeError
 from quantsafe.judges.base import Verdict
-from quantsafe.report.markdown import trust_sentence
-from quantsafe.report.sections import table
 from quantsafe.stats.agreement import (
     PAPER_PRIORITY,
     accuracy,
@@ -215,6 +213,8 @@ def human_agreement_section(human: HumanAgreement, variants: Sequence[VariantRow
                             judge_names: Mapping[str, str]) -> list[str]:
     """Markdown lines for report.md (and report.html): people among themselves, their majority per variant in
     the paper's Table 3 layout, and every judge against them with its trust sentence."""
+    from quantsafe.report.markdown import trust_sentence  # here: report.markdown may import this module
+    from quantsafe.report.sections import table
 
     def fmt(x: float | None, ci: tuple[float, float] | None = None, digits: int = 3) -> str:
         if x is None or x != x:
