@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quantsafe.backends import DecodingConfig
-from quantsafe.backends.hf import HFBackend
+from quantsafe.backends.hf import HFBackend, _common_prefix, _pick
 from quantsafe.errors import QuantsafeError
 from quantsafe.models import load_model, resolve_model
 
@@ -26,13 +26,14 @@ def fp32() -> HFBackend:
 
 
 class Recorder:
-    """Stands in for the model, recording every call's input shape (rows, width with any cached prefix) and, for
-    forward calls, its logits' shape."""
+    """Stands in for the model, recording every forward call's input shape (rows, width with any cached prefix)
+    and its logits' shape, and the input ids' shape of every masked call that encodes prompts (more than one token
+    each; a shared prefix is encoded apart, unmasked)."""
 
     def __init__(self, model: Any):
         self.inner = model
         self.forwards: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-        self.generates: list[tuple[int, ...]] = []
+        self.prefills: list[tuple[int, ...]] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -41,11 +42,9 @@ class Recorder:
         out = self.inner(**kwargs)
         rows_width = kwargs.get("attention_mask", kwargs["input_ids"]).shape
         self.forwards.append((tuple(rows_width), tuple(out.logits.shape)))
+        if "attention_mask" in kwargs and kwargs["input_ids"].shape[1] > 1:
+            self.prefills.append(tuple(kwargs["input_ids"].shape))
         return out
-
-    def generate(self, **kwargs: Any) -> Any:
-        self.generates.append(tuple(kwargs["input_ids"].shape))
-        return self.inner.generate(**kwargs)
 
 
 CONVS = [[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
@@ -100,11 +99,13 @@ def test_batches_respect_the_token_budget_and_input_order(backend: HFBackend, mo
     assert longest > second  # the budget below splits off the longest item only
     rec = Recorder(backend.model)
     monkeypatch.setattr(backend, "model", rec)
+    shared = len(_common_prefix([backend.encode(c)[0] for c in CONVS]))
+    assert shared > 0  # the system turn SmolLM2's template adds to every prompt
     budget = 2 * (longest + 4) - 1
     backend.generate(CONVS, dec.model_copy(update={"max_batch_tokens": budget}))
-    assert rec.generates == [(1, longest), (2, second)]
+    assert rec.prefills == [(1, longest - shared), (2, second - shared)]
     one_by_one = backend.generate(CONVS, dec.model_copy(update={"max_batch_tokens": 1}))
-    assert rec.generates[2:] == [(1, n) for n in sorted(lengths, reverse=True)]
+    assert rec.prefills[2:] == [(1, n - shared) for n in sorted(lengths, reverse=True)]
     single = [backend.generate([c], dec.model_copy(update={"batch_size": 1}))[0] for c in CONVS]
     assert [g.text for g in one_by_one] == [g.text for g in single]
 
@@ -232,3 +233,30 @@ def test_shared_context_inside_one_message_is_encoded_once_per_distinct_text(fp3
     assert fp32._shared_len(convs[0], fp32.encode(convs[0], None, "Answer:")[0], "Answer:", 3) == 0  # mid-token
     for a, b in zip(shared, whole, strict=True):
         assert all(abs(a[k] - b[k]) < 1e-3 for k in a)
+
+
+def test_rows_join_as_others_finish_and_answers_match_one_by_one(fp32: HFBackend,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Continuous batching pads, merges and trims KV caches; in fp32 none of it may change a greedy answer."""
+    convs = [*CONVS, [{"role": "user", "content": "Name a colour."}], [{"role": "user", "content": "Count to 3."}]]
+    dec = DecodingConfig(max_new_tokens=10, batch_size=2)
+    rec = Recorder(fp32.model)
+    monkeypatch.setattr(fp32, "model", rec)
+    done: list[int] = []
+    together = fp32.generate(convs, dec, on_batch=done.append)
+    assert len(rec.prefills) >= 3 and all(rows <= 2 for rows, _ in rec.prefills)
+    assert any(rows == 1 for rows, _ in rec.prefills[1:])  # a row joined the one still decoding
+    assert all(rows <= 2 for (rows, _), _ in rec.forwards) and sum(done) == len(convs)
+    alone = [fp32.generate([c], dec.model_copy(update={"batch_size": 1}))[0] for c in convs]
+    assert [g.model_dump() for g in together] == [g.model_dump() for g in alone]
+
+
+def test_sampling_is_seeded_and_a_tiny_nucleus_is_greedy(backend: HFBackend) -> None:
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    greedy = _pick(logits, DecodingConfig())
+    assert torch.equal(_pick(logits, DecodingConfig(temperature=1.5, top_p=1e-6)), greedy)
+    dec = DecodingConfig(max_new_tokens=8, temperature=1.0, seed=3, batch_size=3)
+    first, again = backend.generate(CONVS, dec), backend.generate(CONVS, dec)
+    assert [g.text for g in first] == [g.text for g in again]
+    draws = {tuple(_pick(logits, DecodingConfig(temperature=5.0)).tolist()) for _ in range(5)}
+    assert len(draws) > 1  # a hot distribution is really sampled

@@ -47,8 +47,10 @@ def test_auto_on_cuda_asks_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dtype, "_cpuinfo", lambda: AMX_CPU)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert dtype.resolve_dtype("auto") == torch.float32
+    assert dtype.resolve_dtype("auto") == torch.float16  # a pre-Ampere GPU: fp16 tensor cores
     assert dtype.resolve_dtype("auto", device="cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert dtype.resolve_dtype("auto", device=torch.device("cuda", 0)) == torch.bfloat16
 
 
 def test_explicit_and_unknown_names(monkeypatch: pytest.MonkeyPatch) -> None:

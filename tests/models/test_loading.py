@@ -59,7 +59,13 @@ def test_short_name_is_verified_cached_bf16() -> None:
     again = resolve_model(str(r.path))  # a cached directory keeps its provenance
     assert again.source_sha256 == r.source_sha256 and again.dequantized_gguf
     model, tok = load_model(r)
-    assert str(model.dtype) == "torch.bfloat16" and tok.chat_template
+    assert str(model.dtype) == "torch.bfloat16" and tok.chat_template and model.device.type == "cpu"
+
+
+def test_load_model_refuses_a_missing_gpu_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(QuantsafeError, match="device 'cuda' asked for"):
+        load_model(resolve_model("smollm2-135m"), device="cuda")
 
 
 @pytest.mark.parametrize("ref", ["no-such-model", "/nonexistent/dir", "missing.gguf"])

@@ -11,6 +11,7 @@ import torch
 
 from quantsafe.backends.base import DEFAULT_MAX_BATCH_TOKENS, DecodingConfig, Generation, Message
 from quantsafe.errors import QuantsafeError
+from quantsafe.models.device import generation_rows
 
 MIN_SHARED_PREFIX = 32  # below this, re-encoding the prefix costs less than copying its KV cache
 PREFIX_CACHE_SIZE = 8  # shared prefixes kept between calls (a judge uses two; SafetyBench one per category)
@@ -82,42 +83,77 @@ class HFBackend:
                                  f"emptied; at most {limit} fit")
         return ids, True
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are; every input tensor goes there."""
+        device: torch.device = self.model.device
+        return device
+
     @torch.no_grad()
     def generate(
         self, conversations: Sequence[list[Message]], decoding: DecodingConfig,
         on_batch: Callable[[int], None] | None = None,
     ) -> list[Generation]:
+        """Continuous batching: rows leave the batch as they finish and waiting prompts (longest first) take their
+        places, so the weights read per step always serve a full batch; a batch that waited for its longest answer
+        spent most steps on finished rows. Outputs depend on the whole call (which rows share each step), never
+        on timing."""
         limit = self._prompt_limit(decoding.max_new_tokens, decoding.max_prompt_tokens)
         encoded = [self.encode(c, decoding.system_prompt, "", limit) for c in conversations]
-        out: list[Generation | None] = [None] * len(encoded)
-        for idx in _batches([len(ids) for ids, _ in encoded], decoding.batch_size, decoding.max_batch_tokens,
-                            reserve=decoding.max_new_tokens):
-            enc = self.tokenizer.pad({"input_ids": [encoded[i][0] for i in idx]}, return_tensors="pt")
-            torch.manual_seed(decoding.seed)
-            kwargs: dict[str, Any] = {"max_new_tokens": decoding.max_new_tokens, "do_sample": not decoding.greedy,
-                                      "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.eos_ids}
-            if not decoding.greedy:
-                kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p)
-            else:
-                kwargs.update(temperature=None, top_p=None, top_k=None)
-            seqs = self.model.generate(**enc, **kwargs)
-            n_in = enc["input_ids"].shape[1]
-            for row, i in enumerate(idx):
-                new = seqs[row, n_in:].tolist()
-                finished = any(t in self.eos_ids for t in new)
-                if finished:
-                    new = new[: next(k for k, t in enumerate(new) if t in self.eos_ids)]
+        longest = max((len(ids) for ids, _ in encoded), default=0)
+        rows = generation_rows(self.model, decoding.batch_size, longest + decoding.max_new_tokens)
+        prompts = [ids for ids, _ in encoded]
+        prefix = _common_prefix(prompts)
+        waiting = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+        new: list[list[int]] = [[] for _ in encoded]
+        finished = [False] * len(encoded)
+        torch.manual_seed(decoding.seed)
+        live: _Live | None = None
+        while waiting or live is not None:
+            if waiting and (live is None or (live.mergeable and rows - len(live.items) >= max(1, rows // 4))):
+                admit = _admit([len(encoded[i][0]) for i in waiting], live, rows, decoding)
+                if admit:
+                    live = self._prefill([prompts[i] for i in waiting[:admit]], waiting[:admit], prefix, live)
+                    del waiting[:admit]
+            assert live is not None  # admission takes at least one row when none is live
+            tokens = _pick(live.logits, decoding)
+            done: list[int] = []
+            for k, (item, tok) in enumerate(zip(live.items, tokens.tolist(), strict=True)):
+                if tok in self.eos_ids:
+                    finished[item] = True
                 else:
-                    while new and new[-1] == self.tokenizer.pad_token_id:
-                        new.pop()
-                out[i] = Generation(
-                    text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
-                    n_prompt_tokens=len(encoded[i][0]), n_new_tokens=len(new), finished=finished,
-                    truncated=encoded[i][1],
-                )
-            if on_batch:
-                on_batch(len(idx))
-        return [g for g in out if g is not None]
+                    new[item].append(tok)
+                if finished[item] or len(new[item]) >= decoding.max_new_tokens:
+                    done.append(k)
+            if done:
+                gone = set(done)
+                keep = [k for k in range(len(live.items)) if k not in gone]
+                live = live.keep(keep) if keep else None
+                tokens = tokens[keep]
+                if on_batch:
+                    on_batch(len(done))
+            if live is not None:
+                live.step(self.model, tokens)
+        return [Generation(text=self.tokenizer.decode(toks, skip_special_tokens=True).strip(),
+                           n_prompt_tokens=len(ids), n_new_tokens=len(toks), finished=fin, truncated=cut)
+                for (ids, cut), toks, fin in zip(encoded, new, finished, strict=True)]
+
+    def _prefill(self, prompts: list[list[int]], items: list[int], prefix: list[int], live: _Live | None) -> _Live:
+        """Encode prompts (those of `items`) as one batch and add them to the live rows. Their common `prefix`
+        (the chat template's system turn) comes from the prefix cache; each row's own tokens follow it after left
+        padding, so every row ends at the last column."""
+        enc = self.tokenizer.pad({"input_ids": [ids[len(prefix):] for ids in prompts]}, return_tensors="pt")
+        own = enc["attention_mask"].to(self.device)
+        positions = len(prefix) + (own.cumsum(-1) - 1).clamp(min=0)
+        cache = None
+        if prefix:
+            cache = copy.deepcopy(self._prefix_cache(prefix))
+            cache.batch_repeat_interleave(len(prompts))
+        mask = torch.cat([own.new_ones(len(prompts), len(prefix)), own], dim=1)
+        out = self.model(input_ids=enc["input_ids"].to(self.device), attention_mask=mask, position_ids=positions,
+                         cache=cache, use_cache=True, logits_to_keep=1)
+        fresh = _Live(items, out.cache, mask, positions[:, -1] + 1, out.logits[:, -1])
+        return fresh if live is None else live.merge(fresh)
 
     def candidate_tokens(self, candidates: Sequence[str]) -> list[list[int]]:
         """Each candidate's token ids; two candidates with the same ids could not be told apart."""
@@ -175,11 +211,11 @@ class HFBackend:
         n_read = [len(cand_ids[r.members[0]]) for r in rows]
         width, reads = max(map(len, own)), max(n_read)
         # right padding: causal attention keeps real tokens blind to the pads after them
-        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in own])
-        mask = torch.tensor([[1] * (shared + len(s)) + [0] * (width - len(s)) for s in own])
+        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in own], device=self.device)
+        mask = torch.tensor([[1] * (shared + len(s)) + [0] * (width - len(s)) for s in own], device=self.device)
         # each row reads its last n positions; shorter rows repeat their last one to fill the tensor
         keep = torch.tensor([[len(s) - n + min(m, n - 1) for m in range(reads)]
-                             for s, n in zip(own, n_read, strict=True)])
+                             for s, n in zip(own, n_read, strict=True)], device=self.device)
         kwargs: dict[str, Any] = {}
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
@@ -189,7 +225,7 @@ class HFBackend:
         if logits.shape[1] != reads:
             raise QuantsafeError(f"{type(self.model).__name__} ignores logits_to_keep; scoring needs a "
                                  "transformers causal LM whose forward takes it")
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         for k, row in enumerate(rows):
             for j in row.members:
                 toks = cand_ids[j]
@@ -230,19 +266,107 @@ class HFBackend:
         if key not in self._prefixes:
             if len(self._prefixes) >= PREFIX_CACHE_SIZE:
                 del self._prefixes[next(iter(self._prefixes))]
-            self._prefixes[key] = self.model(input_ids=torch.tensor([prefix]), use_cache=True, logits_to_keep=1).cache
+            self._prefixes[key] = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True,
+                                             logits_to_keep=1).cache
         return self._prefixes[key]
 
 
-def _batches(lengths: Sequence[int], batch_size: int, max_tokens: int, reserve: int = 0) -> list[list[int]]:
+def _batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
     """Indices longest first (padding stays small, OOM shows early), cut so a batch holds at most batch_size rows
-    and rows x (its longest + reserve) ≤ max_tokens; a row over the budget runs alone."""
+    and rows x its longest ≤ max_tokens; a row over the budget runs alone."""
     batches: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         cur = batches[-1] if batches else []
-        if cur and len(cur) < batch_size and (len(cur) + 1) * (lengths[cur[0]] + reserve) <= max_tokens:
+        if cur and len(cur) < batch_size and (len(cur) + 1) * lengths[cur[0]] <= max_tokens:
             cur.append(i)
         else:
             batches.append([i])
     return batches
 
+
+
+def _common_prefix(prompts: Sequence[list[int]]) -> list[int]:
+    """The tokens all prompts start with (none for a lone prompt), leaving each at least one of its own: its
+    logits start the answer."""
+    if len(prompts) < 2:
+        return []
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for other in prompts[1:]:
+        n = next((k for k in range(n) if other[k] != first[k]), n)
+    return first[:n]
+
+
+def _admit(waiting: Sequence[int], live: _Live | None, rows: int, decoding: DecodingConfig) -> int:
+    """How many of the waiting prompts (lengths, longest first) join now: free rows, and at most
+    decoding.max_batch_tokens cache positions once every row has its answer; a prompt over that budget runs alone."""
+    n_live, width = (len(live.items), live.mask.shape[1]) if live is not None else (0, 0)
+    admit = 0
+    while admit < len(waiting) and n_live + admit < rows:
+        need = (n_live + admit + 1) * (max(width, waiting[0]) + decoding.max_new_tokens)
+        if need > decoding.max_batch_tokens and n_live + admit > 0:
+            break
+        admit += 1
+    return admit
+
+
+def _pick(logits: torch.Tensor, decoding: DecodingConfig) -> torch.Tensor:
+    """Next token per row: argmax, or a draw from the temperature-scaled nucleus (top_p) of the distribution."""
+    scores = logits.float()
+    if decoding.greedy:
+        return scores.argmax(-1)
+    probs = torch.softmax(scores / decoding.temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > decoding.top_p  # the most likely token is always inside
+    sorted_probs[outside] = 0.0
+    return order.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)
+
+
+class _Live:
+    """Rows being decoded together: which item each is, their shared KV cache, attention mask (left padding, plus
+    the gaps where a row joined a wider cache), next positions and last logits."""
+
+    def __init__(self, items: list[int], cache: Any, mask: torch.Tensor, positions: torch.Tensor,
+                 logits: torch.Tensor):
+        from transformers.cache_utils import DynamicLayer
+
+        self.items, self.cache, self.mask, self.positions, self.logits = items, cache, mask, positions, logits
+        # new rows can join only a cache made of plain full-attention layers (sliding or linear layers keep
+        # other state; such models decode batch after batch)
+        self.mergeable = all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+    def step(self, model: Any, tokens: torch.Tensor) -> None:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.items), 1)], dim=1)
+        self.logits = model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.positions[:, None],
+                            cache=self.cache, use_cache=True).logits[:, -1]
+        self.positions = self.positions + 1
+
+    def keep(self, rows: list[int]) -> _Live:
+        """Only `rows`; leading cache columns no remaining row attends to are cut off."""
+        index = torch.tensor(rows, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.items = [self.items[k] for k in rows]
+        self.mask, self.positions, self.logits = self.mask[index], self.positions[index], self.logits[index]
+        unused = int(self.mask.any(0).int().argmax())
+        if unused and self.mergeable:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+            self.mask = self.mask[:, unused:]
+        return self
+
+    def merge(self, other: _Live) -> _Live:
+        """Both sets of rows in one cache, the narrower left-padded (masked) to the wider's width."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+            short = width - t.shape[-dim_from_end]
+            return torch.nn.functional.pad(t, (0, 0) * (dim_from_end - 1) + (short, 0)) if short else t
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)])
+            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)])
+        self.mask = torch.cat([pad(self.mask, 1), pad(other.mask, 1)])
+        self.items = self.items + other.items
+        self.positions = torch.cat([self.positions, other.positions])
+        self.logits = torch.cat([self.logits, other.logits])
+        return self

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from quantsafe.errors import QuantsafeError
+from quantsafe.models.device import resolve_device
 
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -38,14 +39,14 @@ def _cpu_flags(text: str) -> set[str]:
     return set((_cpuinfo_field(text, "flags") or "").split())
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _device(device: torch.device | str | None) -> torch.device:
+    return device if isinstance(device, torch.device) else resolve_device(device or "auto")
 
 
 def bf16_native(device: torch.device | str | None = None) -> bool:
     """Whether `device` (default: CUDA if present, else CPU) multiplies bf16 in hardware. ATEN_CPU_CAPABILITY
     below avx512 counts as not native: it is how an AVX2-only machine is emulated on a newer one."""
-    dev = torch.device(device) if device is not None else _default_device()
+    dev = _device(device)
     if dev.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     capability = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
@@ -60,9 +61,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def resolve_dtype(requested: str, device: torch.device | str | None = None) -> torch.dtype:
-    """The named dtype; "auto" is bf16 where `device` computes it natively (see bf16_native), else fp32."""
+    """The named dtype; "auto" is bf16 where `device` (default: CUDA if present, else CPU) computes it natively
+    (see bf16_native), else fp16 on a GPU (pre-Ampere tensor cores have it) and fp32 on a CPU (emulated there)."""
     if requested == "auto":
-        return torch.bfloat16 if bf16_native(device) else torch.float32
+        if bf16_native(device):
+            return torch.bfloat16
+        return torch.float16 if _device(device).type == "cuda" else torch.float32
     if requested not in DTYPES:
         raise QuantsafeError(f"unknown dtype '{requested}'; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[requested]

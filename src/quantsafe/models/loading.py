@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from quantsafe.datadir import cache_dir
 from quantsafe.errors import QuantsafeError
 from quantsafe.hashing import cached_file_sha256, file_sha256, stable_hash
+from quantsafe.models.device import resolve_device
 from quantsafe.models.registry import KNOWN_MODELS, ModelSpec
 
 SOURCE_FILE = "quantsafe_source.json"
@@ -163,17 +164,19 @@ def check_model(resolved: ResolvedModel) -> None:
     _load_tokenizer(resolved.path)
 
 
-def load_model(resolved: ResolvedModel, dtype: torch.dtype = torch.bfloat16) -> tuple[Any, Any]:
-    """Load model (eval mode) and tokenizer in `dtype`; callers choose it per machine (models.dtype.resolve_dtype):
-    bf16 is fast only where the hardware has it."""
+def load_model(resolved: ResolvedModel, dtype: torch.dtype = torch.bfloat16,
+               device: torch.device | str = "cpu") -> tuple[Any, Any]:
+    """Load model (eval mode, on `device`: see models.device.resolve_device) and tokenizer in `dtype`; callers
+    choose both per machine (models.dtype.resolve_dtype): bf16 is fast only where the hardware has it."""
     from transformers import AutoModelForCausalLM
 
+    target = device if isinstance(device, torch.device) else resolve_device(device)
     tok = _load_tokenizer(resolved.path)  # first: it is cheap and the more likely to be missing
     try:
         model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dtype).eval()
     except Exception as exc:  # transformers raises OSError, ValueError, safetensors errors...; one line is enough
         raise QuantsafeError(f"{resolved.path}: cannot load the model ({_first_line(exc)})") from exc
-    return model, tok
+    return model.to(target), tok
 
 
 def _load_tokenizer(path: Path) -> Any:
