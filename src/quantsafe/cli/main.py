@@ -32,9 +32,23 @@ def run(
     dtype: Annotated[str | None, typer.Option(
         help="Compute dtype: auto (bf16 only where the machine has native bf16), bfloat16, float32, float16; "
         "overrides the study's.")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="Device: auto (CUDA where the cells run has it, else CPU), cpu, cuda, cuda:N; overrides the study's.")
+    ] = None,
+    executor: Annotated[str, typer.Option(
+        help="Where cells run: local (this process) or ray (tasks on a Ray cluster; the driver writes the store).")
+    ] = "local",
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster to join (auto, or ray://host:10001); default: start a local one.")] = None,
+    num_cpus: Annotated[int | None, typer.Option(
+        help="CPUs of the local Ray cluster (default: all of this machine's).")] = None,
+    cpus_per_task: Annotated[int, typer.Option(
+        help="Ray: CPUs (threads) per cell; outputs match the local executor's when it equals its thread count.")
+    ] = 1,
 ) -> None:
     """Quantize, generate, judge and report a study; re-running resumes where it stopped."""
     from quantsafe.study import load_study
+    from quantsafe.study.executors import make_executor
     from quantsafe.study.runner import run_study
 
     cfg = load_study(study)
@@ -45,7 +59,13 @@ def run(
 
         resolve_dtype(dtype)  # an unknown name is one line, before anything runs
         cfg = cfg.model_copy(update={"dtype": dtype})
-    report = run_study(cfg, out, err)
+    if device is not None:
+        if executor == "local":
+            from quantsafe.models.device import resolve_device
+
+            resolve_device(device)  # likewise: a device this machine lacks is one line (Ray's workers may have it)
+        cfg = cfg.model_copy(update={"device": device})
+    report = run_study(cfg, out, err, make_executor(executor, address, num_cpus, cpus_per_task))
     err.print(f"[green]report:[/] {report}")
 
 

@@ -130,6 +130,7 @@ class StudyConfig(_Strict):
     judges: list[JudgeSpec] = Field(min_length=1)
     decoding: DecodingConfig = DecodingConfig()
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"  # auto: bf16 only where the machine has it
+    device: str = "auto"  # auto: CUDA where the cells run has it, else the CPU; or cpu, cuda, cuda:N
     validation: ValidationSpec | None = ValidationSpec()
     data_dir: Path | None = None
     artifacts_dir: Path | None = None

@@ -2,50 +2,37 @@
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from quantsafe.backends.base import Backend, DecodingConfig
-from quantsafe.backends.hf import HFBackend
-from quantsafe.backends.openai_compat import OpenAIBackend
-from quantsafe.backends.request_cache import RequestCache
+from quantsafe.backends.base import DecodingConfig
 from quantsafe.benchmarks import Kind, Prompt, benchmark, load_benchmark, load_criteria
-from quantsafe.benchmarks.choice import score_choices
 from quantsafe.benchmarks.xstest import load_labelled_sets, load_xstest_completions
 from quantsafe.datadir import cache_dir, resolve_data_dir
 from quantsafe.errors import QuantsafeError
 from quantsafe.hashing import stable_hash
-from quantsafe.interventions.abliteration import AbliterationConfig, abliterate_variant, load_abliterated
 from quantsafe.interventions.instructions import select_instructions
-from quantsafe.judges import load_template, validate_judge
-from quantsafe.judges.base import Judge, JudgeItem
-from quantsafe.judges.factory import judge_from_spec
-from quantsafe.judges.validation import RefusalClassifier
-from quantsafe.models import ResolvedModel, load_model, resolve_model
+from quantsafe.judges import load_template
+from quantsafe.judges.validation import AgreementRow
+from quantsafe.models import ResolvedModel, resolve_model
 from quantsafe.models.dtype import dtype_name, resolve_dtype
-from quantsafe.models.imported import ImportedCheckpoint, inspect_import, load_imported
+from quantsafe.models.imported import ImportedCheckpoint, inspect_import
 from quantsafe.models.loading import check_model
-from quantsafe.quantization import load_quantized, quantize_variant
 from quantsafe.report.build import write_report
 from quantsafe.report.paper import paper_results_path
-from quantsafe.store import (
-    ChoiceRow,
-    GenerationRow,
-    JudgmentRow,
-    RefusalRow,
-    Store,
-    StudyRecord,
-    VariantRow,
-)
-from quantsafe.study.config import ServedSpec, StudyConfig, ValidationSpec, VariantSpec
+from quantsafe.store import ChoiceRow, GenerationRow, JudgmentRow, RefusalRow, Store, StudyRecord, VariantRow
+from quantsafe.study import cells
+from quantsafe.study.cells import Context, JudgeIdentity, Loader
+from quantsafe.study.config import ServedSpec, StudyConfig
+from quantsafe.study.executors import Executor, LocalExecutor, Needs, Priority
 
 CHUNK = 32  # generations/judgments committed per transaction: what a kill can cost at most
 REQUEST_CACHE = "requests.db"  # every HTTP response of the study (served models, HTTP judges), for free reruns
@@ -56,15 +43,21 @@ def _progress(console: Console) -> Progress:
                     console=console, transient=False)
 
 
-def generation_key(decoding: DecodingConfig, dtype: torch.dtype) -> str:
-    """Keys every generation: the decoding settings that change outputs, and the compute dtype."""
-    return stable_hash({"decoding": decoding.key_fields(), "dtype": dtype_name(dtype)})
+def _on(device: str) -> dict[str, str]:
+    """The device's part of a key: none for the CPU (keys from before devices existed stay valid), else its type."""
+    kind = torch.device(device).type
+    return {} if kind == "cpu" else {"device": kind}
 
 
-def scoring_key(decoding: DecodingConfig, dtype: torch.dtype) -> str:
+def generation_key(decoding: DecodingConfig, dtype: torch.dtype, device: str = "cpu") -> str:
+    """Keys every generation: the decoding settings that change outputs, the compute dtype and device type."""
+    return stable_hash({"decoding": decoding.key_fields(), "dtype": dtype_name(dtype)} | _on(device))
+
+
+def scoring_key(decoding: DecodingConfig, dtype: torch.dtype, device: str = "cpu") -> str:
     """Keys every multiple-choice score: option log-probs depend on the compute dtype and on batch padding."""
     return stable_hash({"scoring": "next-token-logprobs", "shared_context": True, "batch_size": decoding.batch_size,
-                        "max_batch_tokens": decoding.max_batch_tokens, "dtype": dtype_name(dtype)})
+                        "max_batch_tokens": decoding.max_batch_tokens, "dtype": dtype_name(dtype)} | _on(device))
 
 
 def study_prompts(cfg: StudyConfig, data_dir: Path) -> list[Prompt]:
@@ -88,77 +81,170 @@ def _generated(prompts: Sequence[Prompt]) -> list[Prompt]:
     return [p for p in prompts if benchmark(p.benchmark).kind != Kind.CHOICE]
 
 
-class _Lazy:
-    """A variant's backend, loaded at most once and only if some stage has work left for it."""
-
-    def __init__(self, variant: VariantRow, loader: Callable[[str], Backend]):
-        self.variant, self.loader = variant, loader
-        self.backend: Backend | None = None
-
-    def get(self) -> Backend:
-        if self.backend is None:
-            self.backend = self.loader(self.variant.variant_id)
-        return self.backend
-
-    def release(self) -> None:
-        self.backend = None
-        gc.collect()
+def _chunks(items: Sequence[Any]) -> list[list[Any]]:
+    return [list(items[start : start + CHUNK]) for start in range(0, len(items), CHUNK)]
 
 
-def _variant(resolved: ResolvedModel, spec: VariantSpec, data_dir: Path, artifacts: Path, dtype: torch.dtype,
-             ) -> tuple[VariantRow, Callable[[str], Backend]]:
-    """The variant's store row and a loader of its weights in the compute dtype (quantizing first if needed)."""
-    if spec.is_full_precision:
-        vid = stable_hash({"source": resolved.source_sha256, "method": "none"})
-        row = VariantRow(variant_id=vid, model=resolved.name, precision="bf16", method="none",
-                         bits_per_weight=16.0, source_sha256=resolved.source_sha256,
-                         dequantized_gguf=resolved.dequantized_gguf, config={"method": "none"})
-        return row, lambda name: HFBackend(*load_model(resolved, dtype), name)
-    qcfg = spec.quant_config()
-    art = quantize_variant(resolved, qcfg, data_dir, artifacts, dtype=dtype)
-    row = VariantRow(variant_id=art.artifact_id, model=resolved.name, precision=f"int{qcfg.bits}",
-                     method=qcfg.method, bits=qcfg.bits, group_size=qcfg.group_size,
-                     bits_per_weight=art.bits_per_weight, source_sha256=resolved.source_sha256,
-                     dequantized_gguf=resolved.dequantized_gguf, artifact_path=str(art.path),
-                     config=qcfg.model_dump(mode="json"))
-    return row, lambda name: HFBackend(*load_quantized(art.path, dtype=dtype), name)
+def _weights_bytes(path: Path | None) -> int | None:
+    """Bytes of a model's weight files: what Ray reserves (3x: load, dequantize, activations) for its cells."""
+    if path is None or not path.is_dir():
+        return None
+    total = sum(f.stat().st_size for f in path.rglob("*.safetensors"))
+    return 3 * total if total else None
 
 
-def _imported_variant(resolved: ResolvedModel, ckpt: ImportedCheckpoint, dtype: torch.dtype,
-                      ) -> tuple[VariantRow, Callable[[str], Backend]]:
-    """An existing quantized checkpoint of `resolved`: nothing to quantize; its source and content hash are
-    recorded, and its answers pair with the base model's full-precision ones (same `model`)."""
-    row = VariantRow(variant_id=ckpt.variant_id(resolved.source_sha256), model=resolved.name,
-                     precision=ckpt.precision, method=ckpt.method, bits=ckpt.bits, group_size=ckpt.group_size,
-                     bits_per_weight=ckpt.bits_per_weight, source_sha256=ckpt.content_sha256,
-                     dequantized_gguf=ckpt.format == "gguf", artifact_path=str(ckpt.path),
-                     config=ckpt.record() | {"base_source_sha256": resolved.source_sha256})
-    return row, lambda name: HFBackend(*load_imported(ckpt, dtype), name)
+class _Driver:
+    """Submits the study's cells as their inputs become ready and writes every result to the store as it arrives
+    (the only writer), so a kill loses at most the cells in flight and a rerun submits only what is missing.
 
+    Order of readiness: a variant is prepared (quantized) → its generation and scoring chunks → once all of its
+    answers are stored, each judge's chunks for it; a judge's identity (which may load its model) and validation
+    need nothing before them."""
 
-def _abliterated_variant(resolved: ResolvedModel, cfg: AbliterationConfig, instructions: tuple[list[str], list[str]],
-                         artifacts: Path, dtype: torch.dtype) -> tuple[VariantRow, Callable[[str], Backend]]:
-    """The negative control: `resolved` without its refusal direction, found from instructions the study never
-    evaluates (their texts are in the id); paired against the same model's full-precision answers."""
-    harmful, harmless = instructions
-    art = abliterate_variant(resolved, cfg, harmful, harmless, artifacts, dtype)
-    row = VariantRow(variant_id=art.artifact_id, model=resolved.name, precision="bf16", method="abliterated",
-                     bits_per_weight=16.0, source_sha256=resolved.source_sha256,
-                     dequantized_gguf=resolved.dequantized_gguf, artifact_path=str(art.path),
-                     config={"abliterate": cfg.model_dump(mode="json"), "layer": art.layer,
-                             "n_harmful": len(harmful), "n_harmless": len(harmless)})
-    return row, lambda name: HFBackend(*load_abliterated(art.path, dtype), name)
+    def __init__(self, store: Store, ctx: Context, executor: Executor, console: Console, progress: Progress,
+                 plan: _Plan, cfg: StudyConfig):
+        self.store, self.ctx, self.executor, self.console, self.bar = store, ctx, executor, console, progress
+        self.plan, self.cfg = plan, cfg
+        self.then: dict[int, Callable[[Any], None]] = {}
+        self.variants: dict[int, VariantRow] = {}  # study order -> row
+        self.answering: dict[int, int] = {}  # study order -> generation chunks not yet stored
+        self.judges: dict[int, JudgeIdentity] = {}
+        self.tasks: dict[str, TaskID] = {}
+        self.safety = [p.uid for p in _of(plan.prompts, Kind.JUDGED, "safety")]
+        self.refusal = [p.uid for p in _of(plan.prompts, Kind.JUDGED, "refusal")]
 
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], priority: Priority, then: Callable[[Any], None],
+               needs: Needs = Needs()) -> None:
+        self.then[self.executor.submit(fn, args, priority, needs)] = then
 
-def _served_variant(spec: ServedSpec, cache: RequestCache | None) -> tuple[VariantRow, Callable[[str], Backend]]:
-    """A served model: keyed by what changes its answers (served name, declared weights), not by its address,
-    which is recorded as its source."""
-    vid = stable_hash({"served": spec.endpoint.identity(), "precision": spec.precision, "method": spec.method})
-    row = VariantRow(variant_id=vid, model=spec.label, precision=spec.precision, method=spec.method,
-                     bits_per_weight=spec.bits_per_weight, source_sha256=spec.endpoint.weights_sha256 or "",
-                     dequantized_gguf=False, artifact_path=f"{spec.endpoint.base_url} ({spec.endpoint.model})",
-                     config=spec.model_dump(mode="json"))
-    return row, lambda _name: OpenAIBackend(spec.endpoint, cache)
+    def run(self) -> None:
+        while self.executor.pending():
+            handle, result = self.executor.next()
+            self.then.pop(handle)(result)
+
+    def _task(self, label: str, total: int) -> TaskID:
+        if label not in self.tasks:
+            self.tasks[label] = self.bar.add_task(label, total=0)
+        task = self.tasks[label]
+        self.bar.update(task, total=(self.bar.tasks[task].total or 0) + total)
+        return task
+
+    def _needs(self, loader: Loader | None) -> Needs:
+        on_gpu = torch.device(self.ctx.device).type == "cuda" and (loader is None or loader.kind != "served")
+        path = None
+        if loader is not None:
+            path = loader.resolved.path if loader.resolved else loader.checkpoint.path if loader.checkpoint \
+                else loader.path
+        return Needs(gpu=on_gpu, memory_bytes=_weights_bytes(path))
+
+    # variants
+    def prepare(self, order: int, resolved: ResolvedModel, index: int) -> None:
+        spec = self.cfg.variants[index]
+        self.console.print(f"variant {resolved.name} {spec.label()}")
+        args = (self.ctx, resolved, spec, self.plan.imports.get(index), self.plan.abliterations.get(index))
+        self.submit(cells.prepare_variant, args, (0, order), lambda result: self.prepared(order, *result),
+                    Needs(gpu=torch.device(self.ctx.device).type == "cuda" and index not in self.plan.imports))
+
+    def prepared(self, order: int, row: VariantRow, loader: Loader) -> None:
+        self.store.upsert_variant(row)
+        self.variants[order] = row
+        needs, label = self._needs(loader), f"{row.model} {row.precision} {row.method}"
+        done = self.store.done_generations(row.variant_id, self.ctx.gen_key)
+        todo = _chunks([p for p in _generated(self.plan.prompts) if p.uid not in done])
+        self.answering[order] = len(todo)
+        task = self._task(f"generate {label}", sum(map(len, todo)))
+        for k, chunk in enumerate(todo):
+            self.submit(cells.generate_cell, (self.ctx, row, loader, chunk), (1, order, k),
+                        partial(self.answered, order, task), needs)
+        done = self.store.done_choices(row.variant_id, self.ctx.scoring_id)
+        todo = _chunks([p for p in _of(self.plan.prompts, Kind.CHOICE) if p.uid not in done])
+        task = self._task(f"score {label}", sum(map(len, todo)))
+        for k, chunk in enumerate(todo):
+            self.submit(cells.score_cell, (self.ctx, row, loader, chunk), (1, order, len(self.plan.prompts) + k),
+                        partial(self.scored, task), needs)
+        if not self.answering[order]:
+            self.ready(order)
+
+    def answered(self, order: int, task: TaskID, rows: list[GenerationRow]) -> None:
+        self.store.add_generations(rows)
+        self.bar.advance(task, len(rows))
+        self.answering[order] -= 1
+        if not self.answering[order]:
+            self.ready(order)
+
+    def scored(self, task: TaskID, rows: list[ChoiceRow]) -> None:
+        self.store.add_choices(rows)
+        self.bar.advance(task, len(rows))
+
+    def ready(self, order: int) -> None:
+        for j in self.judges:
+            self.read(j, order)
+
+    # judges
+    def identify(self, j: int) -> None:
+        spec = self.cfg.judges[j]
+        self.submit(cells.identify_judge, (self.ctx, spec), (2, j, -1), lambda ident: self.identified(j, ident),
+                    self._needs(None) if spec.endpoint is None else Needs())
+
+    def identified(self, j: int, ident: JudgeIdentity) -> None:
+        spec = self.cfg.judges[j]
+        self.judges[j] = ident
+        self.store.upsert_judge(ident.judge_id, spec.kind, ident.mode,
+                                spec.model_dump(mode="json") | {"dtype": dtype_name(self.ctx.dtype)})
+        for order in self.variants:
+            if not self.answering[order]:
+                self.read(j, order)
+        if self.cfg.validation is not None:
+            self.validate(j, ident)
+
+    def read(self, j: int, order: int) -> None:
+        """Submit judge `j`'s chunks for the variant's answers it has not read yet."""
+        spec, ident, v = self.cfg.judges[j], self.judges[j], self.variants[order]
+        needs = self._needs(None) if spec.endpoint is None else Needs()
+        label = f"{v.model} {v.precision} {v.method}"
+        unread = _unread(self.store, v, self.ctx.gen_key, self.safety,
+                         self.store.done_judgments(v.variant_id, self.ctx.gen_key, ident.judge_id))
+        task = self._task(f"judge[{ident.mode}] {label}", sum(map(len, unread)))
+        for k, chunk in enumerate(unread):
+            self.submit(cells.judge_cell, (self.ctx, spec, chunk), (2, j, order, k),
+                        partial(self.judged, task), needs)
+        if ident.refusal_id is None or not self.refusal:
+            return
+        unread = _unread(self.store, v, self.ctx.gen_key, self.refusal,
+                         self.store.done_refusals(v.variant_id, self.ctx.gen_key, ident.refusal_id))
+        task = self._task(f"refusal {label}", sum(map(len, unread)))
+        for k, chunk in enumerate(unread):
+            self.submit(cells.refusal_cell, (self.ctx, spec, chunk), (2, j, order, len(self.plan.prompts) + k),
+                        partial(self.refused, task), needs)
+
+    def judged(self, task: TaskID, rows: list[JudgmentRow]) -> None:
+        self.store.add_judgments(rows)
+        self.bar.advance(task, len(rows))
+
+    def refused(self, task: TaskID, rows: list[RefusalRow]) -> None:
+        self.store.add_refusals(rows)
+        self.bar.advance(task, len(rows))
+
+    def validate(self, j: int, ident: JudgeIdentity) -> None:
+        """The judge against people, once per (set, mapping, sample)."""
+        spec, validation = self.cfg.judges[j], self.cfg.validation
+        assert validation is not None
+        sample = stable_hash(validation)
+        done = {(a["set"], a["mapping"]) for a in self.store.agreement(ident.judge_id, sample)}
+        wanted = ("safety",) if ident.refusal_id is None else ("safety", "refusal")
+        todo = [s for s in validation.sets if any((s, m) not in done for m in wanted)]
+        if todo:
+            self.console.print(f"validate judge {ident.mode} `{ident.judge_id[:8]}` on human-labelled XSTest "
+                               f"completions ({', '.join(todo)}; up to {validation.limit_per_set or 'all'} items each)")
+        for i, set_name in enumerate(todo):
+            skip = frozenset(d for d in done if d[0] == set_name)
+            self.submit(cells.validate_cell, (self.ctx, spec, validation, set_name, skip), (2, j, 1 << 30, i),
+                        lambda rows: self.validated(ident.judge_id, sample, rows),
+                        self._needs(None) if spec.endpoint is None else Needs())
+
+    def validated(self, judge_id: str, sample: str, rows: list[AgreementRow]) -> None:
+        for row in rows:
+            self.store.put_agreement(judge_id, row.set, row.mapping, sample, row.model_dump(mode="json"))
 
 
 def _served_source(spec: ServedSpec) -> dict[str, Any]:
@@ -167,105 +253,12 @@ def _served_source(spec: ServedSpec) -> dict[str, Any]:
             "source_sha256": spec.endpoint.weights_sha256 or "not declared", "dequantized_gguf": False}
 
 
-def _generate(store: Store, lazy: _Lazy, prompts: Sequence[Prompt], decoding: DecodingConfig, gen_key: str,
-              dtype: torch.dtype, console: Console) -> None:
-    variant = lazy.variant
-    done = store.done_generations(variant.variant_id, gen_key)
-    todo = [p for p in prompts if p.uid not in done]
-    if not todo:
-        return
-    backend = lazy.get()
-    record = decoding.model_dump() | {"dtype": dtype_name(dtype)}
-    with _progress(console) as bar:
-        task = bar.add_task(f"generate {variant.model} {variant.precision} {variant.method}", total=len(todo))
-        for start in range(0, len(todo), CHUNK):
-            chunk = todo[start : start + CHUNK]
-            gens = backend.generate([[{"role": "user", "content": p.text}] for p in chunk], decoding,
-                                    on_batch=lambda k: bar.advance(task, k))
-            store.add_generations(GenerationRow(
-                variant_id=variant.variant_id, prompt_uid=p.uid, decoding_id=gen_key, prompt_id=p.human_id,
-                benchmark=p.benchmark, lang=p.lang, scenario=p.scenario, prompt=p.text, response=g.text,
-                n_new_tokens=g.n_new_tokens, finished=g.finished, truncated=g.truncated, decoding=record)
-                for p, g in zip(chunk, gens, strict=True))
-
-
-def _score_choices(store: Store, lazy: _Lazy, prompts: Sequence[Prompt], decoding: DecodingConfig,
-                   scoring_id: str, console: Console) -> None:
-    """Multiple-choice items: the option letter with the highest next-token log-prob, committed chunk by chunk."""
-    variant = lazy.variant
-    done = store.done_choices(variant.variant_id, scoring_id)
-    todo = [p for p in prompts if p.uid not in done]
-    if not todo:
-        return
-    backend = lazy.get()
-    with _progress(console) as bar:
-        task = bar.add_task(f"score {variant.model} {variant.precision} {variant.method}", total=len(todo))
-        for start in range(0, len(todo), CHUNK):
-            chunk = todo[start : start + CHUNK]
-            results = score_choices(backend, chunk, batch_size=decoding.batch_size,
-                                    max_batch_tokens=decoding.max_batch_tokens)
-            store.add_choices(ChoiceRow(variant_id=variant.variant_id, prompt_uid=p.uid, scoring_id=scoring_id,
-                                        prediction=r.prediction, valid_mass=r.valid_mass, logprobs=r.logprobs)
-                              for p, r in zip(chunk, results, strict=True))
-            bar.advance(task, len(chunk))
-
-
-def _evaluate(store: Store, lazy: _Lazy, prompts: Sequence[Prompt], decoding: DecodingConfig, gen_key: str,
-              scoring_id: str, dtype: torch.dtype, console: Console) -> None:
-    """Every model-running stage of one variant, sharing one load of its weights."""
-    _generate(store, lazy, _generated(prompts), decoding, gen_key, dtype, console)
-    _score_choices(store, lazy, _of(prompts, Kind.CHOICE), decoding, scoring_id, console)
-    lazy.release()
-
-
 def _unread(store: Store, variant: VariantRow, gen_key: str, uids: Sequence[str],
             done: set[tuple[str, str]]) -> list[list[GenerationRow]]:
     """The variant's stored answers a reader (judge, refusal classifier) has not read yet, in commit-sized chunks;
     `done` holds (prompt uid, response sha) pairs, so a regenerated answer is read again."""
-    todo = [g for g in store.generations(variant.variant_id, gen_key, uids)
-            if (g.prompt_uid, g.response_sha) not in done]
-    return [todo[start : start + CHUNK] for start in range(0, len(todo), CHUNK)]
-
-
-def _classify_refusals(store: Store, classifier: RefusalClassifier, variants: Sequence[VariantRow],
-                       prompts: Sequence[Prompt], gen_key: str, console: Console) -> None:
-    """The refusal question (XSTest's over-refusal) for each stored answer not yet classified."""
-    uids = [p.uid for p in prompts]
-    with _progress(console) as bar:
-        for v in variants:
-            chunks = _unread(store, v, gen_key, uids, store.done_refusals(v.variant_id, gen_key, classifier.refusal_id))
-            task = bar.add_task(f"refusal {v.model} {v.precision} {v.method}", total=sum(map(len, chunks)))
-            for chunk in chunks:
-                refused = classifier.classify_refusals([(g.prompt, g.response) for g in chunk])
-                store.add_refusals(RefusalRow(variant_id=v.variant_id, prompt_uid=g.prompt_uid, decoding_id=gen_key,
-                                              refusal_id=classifier.refusal_id, response_sha=g.response_sha,
-                                              refused=r) for g, r in zip(chunk, refused, strict=True))
-                bar.advance(task, len(chunk))
-
-
-def _judge_all(store: Store, judge: Judge, variants: Sequence[VariantRow], prompts: Sequence[Prompt],
-               gen_key: str, criteria: dict[str, str], console: Console) -> None:
-    uids = [p.uid for p in prompts]
-    with _progress(console) as bar:
-        for v in variants:
-            chunks = _unread(store, v, gen_key, uids, store.done_judgments(v.variant_id, gen_key, judge.judge_id))
-            task = bar.add_task(f"judge[{judge.mode}] {v.model} {v.precision} {v.method}", total=sum(map(len, chunks)))
-            for chunk in chunks:
-                items = [JudgeItem(scenario=g.scenario, criterion=_criterion(criteria, g.scenario), prompt=g.prompt,
-                                   response=g.response) for g in chunk]
-                out = judge.judge(items)
-                store.add_judgments(JudgmentRow(
-                    variant_id=v.variant_id, prompt_uid=g.prompt_uid, decoding_id=gen_key, judge_id=judge.judge_id,
-                    response_sha=g.response_sha, verdict=j.verdict.value, mode=j.mode, raw=j.raw,
-                    attempts=j.attempts, truncated=j.truncated, scores=j.scores)
-                    for g, j in zip(chunk, out, strict=True))
-                bar.advance(task, len(chunk))
-
-
-def _criterion(criteria: dict[str, str], scenario: str) -> str:
-    if scenario not in criteria:
-        raise QuantsafeError(f"no judge criterion for scenario '{scenario}' in safety_criteria.json")
-    return criteria[scenario]
+    return _chunks([g for g in store.generations(variant.variant_id, gen_key, uids)
+                    if (g.prompt_uid, g.response_sha) not in done])
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -292,16 +285,18 @@ class _Plan(BaseModel):
     imports: dict[int, ImportedCheckpoint]  # variant index -> its checkpoint, located, hashed and checked
     abliterations: dict[int, tuple[list[str], list[str]]]  # variant index -> (harmful, harmless) instructions
     dtype: torch.dtype
+    device: str
 
 
-def _plan(cfg: StudyConfig, out_dir: Path) -> _Plan:
-    """Validate every input the study names (data, variants, models, judges, validation sets, --out)."""
+def _plan(cfg: StudyConfig, out_dir: Path, device: str = "cpu") -> _Plan:
+    """Validate every input the study names (data, variants, models, judges, validation sets, --out); `device` is
+    where the cells will run (the dtype is chosen for it)."""
     _check_out_dir(out_dir)
     data_dir = resolve_data_dir(cfg.data_dir)
     prompts = study_prompts(cfg, data_dir)
     criteria = load_criteria(data_dir)
     for p in _of(prompts, Kind.JUDGED, "safety"):
-        _criterion(criteria, p.scenario)
+        cells.criterion(criteria, p.scenario)
     imports: dict[int, ImportedCheckpoint] = {}
     abliterations: dict[int, tuple[list[str], list[str]]] = {}
     for i, spec in enumerate(cfg.variants):
@@ -320,7 +315,7 @@ def _plan(cfg: StudyConfig, out_dir: Path) -> _Plan:
                 spec.quant_config()
             except QuantsafeError as exc:
                 raise QuantsafeError(f"study '{cfg.name}', variants.{i}: {exc}") from None
-    dtype = resolve_dtype(cfg.dtype)
+    dtype = resolve_dtype(cfg.dtype, device)
     models = [resolve_model(ref) for ref in cfg.models]
     for m in models:
         check_model(m)
@@ -345,84 +340,62 @@ def _plan(cfg: StudyConfig, out_dir: Path) -> _Plan:
             raise QuantsafeError(f"study '{cfg.name}', validation.sets: unknown XSTest file(s) {missing}; "
                                  f"available: {sorted(available)}")
     return _Plan(data_dir=data_dir, artifacts=cfg.artifacts_dir or cache_dir() / "artifacts", prompts=prompts,
-                 criteria=criteria, models=models, imports=imports, abliterations=abliterations, dtype=dtype)
+                 criteria=criteria, models=models, imports=imports, abliterations=abliterations, dtype=dtype,
+                 device=device)
 
 
-def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None) -> Path:
-    """Run every stage that is not already in out_dir/quantsafe.db, then write report.md and scores.csv."""
+def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None,
+              executor: Executor | None = None) -> Path:
+    """Run every cell that is not already in out_dir/quantsafe.db (in this process, or on `executor`), then write
+    report.md, scores.csv and metrics.csv."""
     console = console or Console(stderr=True)
     torch.manual_seed(0)
-    plan = _plan(cfg, out_dir)
-    gen_key = generation_key(cfg.decoding, plan.dtype)
-    scoring_id = scoring_key(cfg.decoding, plan.dtype)
-    compute = dtype_name(plan.dtype)
-    console.print(f"[bold]{cfg.name}[/]: {len(cfg.models)} model(s) × {len(cfg.variants)} variant(s), "
-                  f"{len(plan.prompts)} prompts, {len(cfg.judges)} judge(s), compute dtype {compute} → {out_dir}")
-    variants: list[VariantRow] = []
-    needs_http = bool(cfg.served) or any(j.endpoint is not None for j in cfg.judges)
-    requests = RequestCache(out_dir / REQUEST_CACHE) if needs_http else None
+    executor = executor or LocalExecutor()
+    try:
+        device = executor.device(cfg.device)
+        plan = _plan(cfg, out_dir, device)
+        gen_key = generation_key(cfg.decoding, plan.dtype, device)
+        scoring_id = scoring_key(cfg.decoding, plan.dtype, device)
+        compute = dtype_name(plan.dtype)
+        console.print(f"[bold]{cfg.name}[/]: {len(cfg.models)} model(s) × {len(cfg.variants)} variant(s), "
+                      f"{len(plan.prompts)} prompts, {len(cfg.judges)} judge(s), {compute} on {device}, "
+                      f"{executor.name} executor → {out_dir}")
+        needs_http = bool(cfg.served) or any(j.endpoint is not None for j in cfg.judges)
+        ctx = Context(data_dir=plan.data_dir, artifacts=plan.artifacts, criteria=plan.criteria, dtype=plan.dtype,
+                      device=device, threads=executor.threads, decoding=cfg.decoding, gen_key=gen_key,
+                      scoring_id=scoring_id, requests=out_dir / REQUEST_CACHE if needs_http else None)
+        with Store.open(out_dir / "quantsafe.db") as store, _progress(console) as bar:
+            store.add_items(plan.prompts)
+            driver = _Driver(store, ctx, executor, console, bar, plan, cfg)
+            order = 0
+            for ref, resolved in zip(cfg.models, plan.models, strict=True):
+                for i, spec in enumerate(cfg.variants):
+                    if spec.import_ is None or cfg.import_base(spec) == ref:  # else: another model's checkpoint
+                        driver.prepare(order, resolved, i)
+                        order += 1
+            for served in cfg.served:
+                console.print(f"served {served.label} {served.precision} {served.method} at "
+                              f"{served.endpoint.base_url}")
+                driver.prepared(order, *cells.served_variant(served))
+                order += 1
+            for j in range(len(cfg.judges)):
+                driver.identify(j)
+            driver.run()
+            refusals = bool(driver.refusal)
+            study = StudyRecord(
+                name=cfg.name, variant_ids=[driver.variants[o].variant_id for o in sorted(driver.variants)],
+                prompt_uids=[p.uid for p in plan.prompts], decoding_id=gen_key,
+                decoding=cfg.decoding.model_dump() | {"dtype": compute, "device": device, "threads": executor.threads},
+                judge_ids=[driver.judges[j].judge_id for j in sorted(driver.judges)],
+                refusal_ids=[ident.refusal_id for _, ident in sorted(driver.judges.items())
+                             if refusals and ident.refusal_id is not None],
+                scoring_id=scoring_id if _of(plan.prompts, Kind.CHOICE) else None,
+                validation_sample=stable_hash(cfg.validation) if cfg.validation is not None else None,
+                models=[m.model_dump(mode="json") for m in plan.models] + [_served_source(s) for s in cfg.served],
+                config=cfg.model_dump(mode="json"), paper_results=str(paper) if (paper := paper_results_path(
+                    cfg.paper_results)) else None)
+            store.record_study(study)
+    finally:
+        executor.close()
     with Store.open(out_dir / "quantsafe.db") as store:
-        store.add_items(plan.prompts)
-        for ref, resolved in zip(cfg.models, plan.models, strict=True):
-            for i, spec in enumerate(cfg.variants):
-                if spec.import_ is not None and cfg.import_base(spec) != ref:
-                    continue  # another model's checkpoint
-                console.print(f"variant {resolved.name} {spec.label()}")
-                if i in plan.imports:
-                    row, loader = _imported_variant(resolved, plan.imports[i], plan.dtype)
-                elif spec.abliterate is not None:
-                    row, loader = _abliterated_variant(resolved, spec.abliterate, plan.abliterations[i],
-                                                       plan.artifacts, plan.dtype)
-                else:
-                    row, loader = _variant(resolved, spec, plan.data_dir, plan.artifacts, plan.dtype)
-                store.upsert_variant(row)
-                variants.append(row)
-                _evaluate(store, _Lazy(row, loader), plan.prompts, cfg.decoding, gen_key, scoring_id, plan.dtype,
-                          console)
-        for served in cfg.served:
-            console.print(f"served {served.label} {served.precision} {served.method} at {served.endpoint.base_url}")
-            row, loader = _served_variant(served, requests)
-            store.upsert_variant(row)
-            variants.append(row)
-            _evaluate(store, _Lazy(row, loader), plan.prompts, cfg.decoding, gen_key, scoring_id, plan.dtype,
-                      console)
-        paper = paper_results_path(cfg.paper_results)
-        judge_ids, refusal_ids = [], []
-        safety_items, refusal_items = _of(plan.prompts, Kind.JUDGED, "safety"), _of(plan.prompts, Kind.JUDGED,
-                                                                                      "refusal")
-        sample = stable_hash(cfg.validation) if cfg.validation is not None else None
-        for jspec in cfg.judges:
-            judge = judge_from_spec(jspec, data_dir=plan.data_dir, criteria=plan.criteria, dtype=plan.dtype,
-                                    requests=requests)
-            judge_ids.append(judge.judge_id)
-            store.upsert_judge(judge.judge_id, jspec.kind, judge.mode,
-                               jspec.model_dump(mode="json") | {"dtype": compute})
-            _judge_all(store, judge, variants, safety_items, gen_key, plan.criteria, console)
-            if refusal_items and isinstance(judge, RefusalClassifier):
-                refusal_ids.append(judge.refusal_id)
-                _classify_refusals(store, judge, variants, refusal_items, gen_key, console)
-            if cfg.validation is not None and sample is not None:
-                _validate(store, judge, plan.data_dir, cfg.validation, sample, console)
-            del judge
-            gc.collect()
-        study = StudyRecord(
-            name=cfg.name, variant_ids=[v.variant_id for v in variants], prompt_uids=[p.uid for p in plan.prompts],
-            decoding_id=gen_key, decoding=cfg.decoding.model_dump() | {"dtype": compute}, judge_ids=judge_ids,
-            refusal_ids=refusal_ids, scoring_id=scoring_id if _of(plan.prompts, Kind.CHOICE) else None,
-            validation_sample=sample,
-            models=[m.model_dump(mode="json") for m in plan.models] + [_served_source(s) for s in cfg.served],
-            config=cfg.model_dump(mode="json"), paper_results=str(paper) if paper else None)
-        store.record_study(study)
         return write_report(store, out_dir, study)
-
-
-def _validate(store: Store, judge: Judge, data_dir: Path, spec: ValidationSpec, sample: str,
-              console: Console) -> None:
-    """Measure the judge against people once per (set, mapping, sample); each row is saved as soon as it exists."""
-    done = {(a["set"], a["mapping"]) for a in store.agreement(judge.judge_id, sample)}
-    if len(done) == len(spec.sets) * 2:
-        return
-    console.print(f"validate judge {judge.mode} `{judge.judge_id[:8]}` on human-labelled XSTest completions "
-                  f"({', '.join(spec.sets)}; up to {spec.limit_per_set or 'all'} items each)")
-    for row in validate_judge(judge, data_dir, spec.sets, spec.limit_per_set, spec.seed, skip=done):
-        store.put_agreement(judge.judge_id, row.set, row.mapping, sample, row.model_dump(mode="json"))
