@@ -27,8 +27,14 @@ lint: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
 
-test: setup lint $(VENV)/.llama-server
-	OMP_WAIT_POLICY=PASSIVE QUANTSAFE_DATA_DIR=$(DATA_DIR) HF_HUB_OFFLINE=1 QUANTSAFE_REQUIRE_LLAMA_SERVER=1 $(VENV)/bin/pytest -q
+# Debian's chromium (if missing) and Playwright for Python, for the browser tests (annotation app, report.html).
+$(VENV)/.browser: scripts/browser.sh $(VENV)/.installed
+	VENV=$(VENV) ./scripts/browser.sh
+	touch $@
+
+test: setup lint $(VENV)/.llama-server $(VENV)/.browser
+	OMP_WAIT_POLICY=PASSIVE QUANTSAFE_DATA_DIR=$(DATA_DIR) HF_HUB_OFFLINE=1 QUANTSAFE_REQUIRE_LLAMA_SERVER=1 \
+	  QUANTSAFE_REQUIRE_BROWSER=1 $(VENV)/bin/pytest -q
 
 bench: setup
 	QUANTSAFE_DATA_DIR=$(DATA_DIR) HF_HUB_OFFLINE=1 $(PY) bench/generation.py

@@ -1,5 +1,5 @@
-"""Shared fixtures: the real shared data directory, a real llama.cpp server serving the default model, and a tiny
-compressed-tensors checkpoint."""
+"""Shared fixtures: the real shared data directory, a real llama.cpp server serving the default model, a tiny
+compressed-tensors checkpoint, and Debian's headless Chromium driven by Playwright."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,3 +97,28 @@ def compressed_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             shutil.copy(smollm2 / name, folder / name)
     return packed, dense
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+REQUIRE_BROWSER_ENV = "QUANTSAFE_REQUIRE_BROWSER"
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Debian's chromium (no Playwright download). Without it or Playwright: skip, or fail where
+    QUANTSAFE_REQUIRE_BROWSER=1 (CI installs both with scripts/browser.sh)."""
+    missing = [what for what, ok in (("/usr/bin/chromium", CHROMIUM.is_file()),
+                                     ("playwright", importlib.util.find_spec("playwright") is not None)) if not ok]
+    if missing:
+        reason = f"{' and '.join(missing)} not installed (scripts/browser.sh installs them)"
+        if os.environ.get(REQUIRE_BROWSER_ENV) == "1":
+            pytest.fail(f"{reason}; {REQUIRE_BROWSER_ENV}=1 requires them")
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

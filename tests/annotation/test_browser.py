@@ -4,8 +4,6 @@ unless QUANTSAFE_REQUIRE_BROWSER=1, as CI sets it."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import socket
 import threading
 import time
@@ -19,28 +17,6 @@ from annotation_study import XSS
 from fastapi import FastAPI
 
 from quantsafe.annotation import human_labels
-
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-REQUIRE_ENV = "QUANTSAFE_REQUIRE_BROWSER"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    missing = [what for what, ok in (("/usr/bin/chromium", CHROMIUM.is_file()),
-                                     ("playwright", importlib.util.find_spec("playwright") is not None)) if not ok]
-    if missing:
-        reason = f"{' and '.join(missing)} not installed (scripts/browser.sh installs them)"
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{reason}; {REQUIRE_ENV}=1 requires them")
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture

@@ -1,43 +1,17 @@
 """report.html in a real headless Chromium (Debian's, driven by Playwright): it opens from disk with no console
 error, no request leaves the file, its plots are drawn, and hostile names run no script.
 
-Skipped where chromium or Playwright is missing, unless QUANTSAFE_REQUIRE_BROWSER=1 (CI), which fails instead.
+The `browser` fixture (tests/conftest.py) skips without chromium or Playwright, unless QUANTSAFE_REQUIRE_BROWSER=1.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from test_html import HOSTILE, study  # the same studies as the HTML tests (pytest puts this folder on the path)
 
 from quantsafe.report.html import render_html
-
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    required = os.environ.get("QUANTSAFE_REQUIRE_BROWSER") == "1"
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if required:
-            pytest.fail("QUANTSAFE_REQUIRE_BROWSER=1 but Playwright for Python is not installed")
-        pytest.skip("Playwright for Python is not installed")
-    if not CHROMIUM.exists():
-        if required:
-            pytest.fail(f"QUANTSAFE_REQUIRE_BROWSER=1 but {CHROMIUM} does not exist")
-        pytest.skip(f"{CHROMIUM} does not exist")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield b
-        b.close()
 
 
 def _open(browser: Any, path: Path) -> tuple[Any, list[str], list[str]]:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from quantsafe.cli.annotate import annotate_app
 from quantsafe.cli.judge import judge_app
 from quantsafe.errors import QuantsafeError
 
@@ -18,6 +19,7 @@ data_app = typer.Typer(help="Benchmark data: check counts, download for users wi
 models_app = typer.Typer(help="Models: list known short names, prepare (convert and cache) one.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(judge_app, name="judge")
+app.add_typer(annotate_app, name="annotate")
 app.add_typer(models_app, name="models")
 err = Console(stderr=True)
 
@@ -67,6 +69,47 @@ def run(
         cfg = cfg.model_copy(update={"device": device})
     report = run_study(cfg, out, err, make_executor(executor, address, num_cpus, cpus_per_task))
     err.print(f"[green]report:[/] {report}")
+
+
+@app.command()
+def plan(
+    study: Annotated[Path, typer.Argument(help="Study YAML.")],
+    out: Annotated[Path | None, typer.Option("--out", help="The study's output directory, to count what is done.")
+                   ] = None,
+    data_dir: DataDir = None,
+    measure: Annotated[bool, typer.Option(
+        help="First measure this machine's prefill and decode rates on the default model (about a minute; cached).")
+    ] = False,
+) -> None:
+    """The study's cells, what is already done, and hours per device kind, before anything runs."""
+    from rich.table import Table
+
+    from quantsafe.study import load_study
+    from quantsafe.study.plan import make_plan
+    from quantsafe.study.plan import measure as measure_rates
+
+    cfg = load_study(study)
+    if data_dir is not None:
+        cfg = cfg.model_copy(update={"data_dir": data_dir})
+    if measure:
+        err.print(f"measured: {measure_rates().source}")
+    result = make_plan(cfg, out)
+    table = Table(title=f"plan: {result.study} (hours)")
+    for column in ("model", "stage", "items", "done"):
+        table.add_column(column, justify="right" if column in ("items", "done") else "left")
+    for kind in result.kinds:
+        table.add_column(kind.name, justify="right")
+    for line in result.lines:
+        table.add_row(line.model, line.stage, str(line.items), "–" if line.done is None else str(line.done),
+                      *(f"{line.hours[k.name]:.2f}" for k in result.kinds))
+    totals = result.totals()
+    table.add_row("total", "", "", "", *(f"{totals[k.name]:.1f}" for k in result.kinds), style="bold")
+    console = Console()
+    console.print(table)
+    for kind in result.kinds:
+        console.print(f"{kind.name}: {kind.source}")
+    for note in result.notes:
+        console.print(f"note: {note}")
 
 
 @app.command()

@@ -1,17 +1,21 @@
-"""A study's report files from its cells in the store: report.md, scores.csv and metrics.csv (no model runs)."""
+"""A study's report files from its cells in the store: report.md, report.html, scores.csv and metrics.csv (no model
+runs); people's labels of the study's answers (quantsafe annotate), where there are any, validate its judges."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 
+from quantsafe.annotation import human_labels
 from quantsafe.benchmarks import Kind, Outcome, benchmark
 from quantsafe.benchmarks.choice import LOW_MASS
 from quantsafe.judges.degeneration import answer_flags, flags_config
+from quantsafe.report.html import render_html
 from quantsafe.report.markdown import render_report, scores_csv
 from quantsafe.report.metrics import CHECKS, ItemScore, compute_metric_rows, metrics_csv
 from quantsafe.report.paper import load_paper_safety
 from quantsafe.report.scores import apply_correction, compute_scores, pooled_safety_confusion
+from quantsafe.stats.human import human_agreement, judge_verdicts
 from quantsafe.store import Store, StudyRecord, atomic_write_text
 
 
@@ -59,7 +63,7 @@ def _expected_cells(store: Store, study: StudyRecord, n_judges: int) -> int:
 
 
 def write_report(store: Store, out_dir: Path, study: StudyRecord, paper_results: Path | None = None) -> Path:
-    """report.md, scores.csv and metrics.csv from exactly the study's cells in the store (no model runs)."""
+    """report.md, report.html, scores.csv and metrics.csv from exactly the study's cells in the store."""
     variants = store.variants(study.variant_ids)
     by_id = {j["judge_id"]: j for j in store.judges()}
     judges = [by_id[j] for j in study.judge_ids if j in by_id]
@@ -67,7 +71,13 @@ def write_report(store: Store, out_dir: Path, study: StudyRecord, paper_results:
                                       prompt_uids=study.prompt_uids) if r["judge_id"] in study.judge_ids]
     agreement = ([a for j in judges for a in store.agreement(j["judge_id"], study.validation_sample)]
                  if study.validation_sample else [])
-    scores = apply_correction(compute_scores(judged, variants), pooled_safety_confusion(agreement))
+    variant_set, prompt_set = set(study.variant_ids), set(study.prompt_uids)
+    labels = [h for h in human_labels(store.path) if h.variant_id in variant_set and h.prompt_uid in prompt_set
+              and h.decoding_id == study.decoding_id]
+    human = human_agreement(labels, judge_verdicts(judged)) if labels else None
+    # a judge's error rates measured by people on this study's own answers replace its XSTest ones
+    confusions = pooled_safety_confusion(agreement) | (human.safety_confusions() if human else {})
+    scores = apply_correction(compute_scores(judged, variants), confusions)
     per_item = item_scores(store, study)
     metrics = compute_metric_rows(per_item, variants)
     recorded = Path(study.paper_results) if study.paper_results else None
@@ -76,11 +86,14 @@ def write_report(store: Store, out_dir: Path, study: StudyRecord, paper_results:
     n_choices = sum("valid_mass" in s.metrics for s in per_item)
     n_refusals = sum(s.source not in ("", CHECKS) for s in per_item)
     done = len(judged) + n_choices + n_refusals
+    completeness = (done, _expected_cells(store, study, len(judges)))
     text = render_report(study.name, variants, scores, judges, agreement, study.models, study.decoding, paper,
-                         completeness=(done, _expected_cells(store, study, len(judges))), metrics=metrics,
-                         checks_config=flags_config())
+                         completeness=completeness, metrics=metrics, checks_config=flags_config(), human=human)
     atomic_write_text(out_dir / "scores.csv", scores_csv(scores))
     atomic_write_text(out_dir / "metrics.csv", metrics_csv(metrics))
+    atomic_write_text(out_dir / "report.html", render_html(
+        study.name, variants, scores, judges, agreement, study.models, study.decoding, paper,
+        completeness=completeness, metrics=metrics, human=human))
     report = out_dir / "report.md"
     atomic_write_text(report, text)
     return report

@@ -14,6 +14,7 @@ from quantsafe.report.paper import PaperRow, render_other_tables, render_paper_t
 from quantsafe.report.scores import ALL, ScoreRow, pooled_safety_confusion
 from quantsafe.report.sections import checks_section, metric_sections, table
 from quantsafe.stats.agreement import cohen_kappa
+from quantsafe.stats.human import HumanAgreement, human_agreement_section
 from quantsafe.store.db import VariantRow
 
 BENCH_COLUMNS = [("xsafety", "XSafety"), ("opensafetymini", "OpenSafetyMini")]
@@ -100,8 +101,10 @@ def render_report(
     agreement: Sequence[dict[str, Any]], models: Sequence[dict[str, Any]], decoding: dict[str, Any],
     paper: Sequence[PaperRow] = (), completeness: tuple[int, int] | None = None,
     metrics: Sequence[MetricRow] = (), checks_config: dict[str, Any] | None = None,
+    human: HumanAgreement | None = None,
 ) -> str:
-    """The whole report as Markdown; `completeness` is (cells judged, cells the study defines)."""
+    """The whole report as Markdown; `completeness` is (cells judged, cells the study defines); `human` is the
+    agreement of people who labelled this study's own answers (quantsafe annotate), when there are labels."""
     out = [f"# quantsafe report: {name}", "",
            f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC} by quantsafe {__version__}. Safety ratio = responses "
            "judged safe / all prompts (unsafe, ambiguous and error all count as not safe), in %, with a 95% "
@@ -141,6 +144,8 @@ def render_report(
     else:
         out.append("_No judge validation was run for this study: the numbers below are unvalidated._")
     out.append("")
+    if human is not None:
+        out += human_agreement_section(human, variants, judge_names)
 
     overall = {(s.variant_id, s.benchmark, s.judge_id): s for s in scores if s.scenario == ALL}
     order = {v.variant_id: i for i, v in enumerate(variants)}  # every table lists variants in the study's order

@@ -41,12 +41,13 @@ class VariantSpec(_Strict):
     layer_bits: dict[str, int] = {}
     import_: ImportSpec | None = Field(None, alias="import")
     abliterate: AbliterationConfig | None = None
+    models: list[str] | None = None  # only for these study models (the paper ran QAT and abliteration on Llama only)
 
     @model_validator(mode="after")
     def _import_alone(self) -> VariantSpec:
         defaults = {name: f.get_default(call_default_factory=True) for name, f in type(self).model_fields.items()}
         quantizer_fields = [name for name, default in defaults.items()
-                            if name not in ("import_", "abliterate") and getattr(self, name) != default]
+                            if name not in ("import_", "abliterate", "models") and getattr(self, name) != default]
         if self.import_ is not None and self.abliterate is not None:
             raise ValueError("a variant is an import or an abliteration, not both")
         for block, what in ((self.import_, "an import"), (self.abliterate, "an abliteration")):
@@ -62,7 +63,7 @@ class VariantSpec(_Strict):
     def quant_config(self) -> QuantConfig:
         """The quantizer config this variant means. Only the fields the YAML set are passed on, so a method's own
         defaults apply (`method: quik` is per-row symmetric) and an explicit `group_size: null` stays per-row."""
-        return QuantConfig.from_dict(self.model_dump(exclude_unset=True, exclude={"import_", "abliterate"}))
+        return QuantConfig.from_dict(self.model_dump(exclude_unset=True, exclude={"import_", "abliterate", "models"}))
 
     def label(self) -> str:
         if self.import_ is not None:
@@ -156,6 +157,21 @@ class StudyConfig(_Strict):
                 raise ValueError(f"variants.{i}.import.model: '{v.import_.model}' is not in the study's models "
                                  f"{self.models}")
         return self
+
+    @model_validator(mode="after")
+    def _variant_models_exist(self) -> StudyConfig:
+        for i, v in enumerate(self.variants):
+            unknown = [m for m in v.models or () if m not in self.models]
+            if unknown:
+                raise ValueError(f"variants.{i}.models: {unknown} not in the study's models {self.models}")
+        return self
+
+    def applies(self, spec: VariantSpec, model: str) -> bool:
+        """Whether variant `spec` is made of study model `model` (an import belongs to one model; `models` limits
+        any variant to some)."""
+        if spec.import_ is not None:
+            return self.import_base(spec) == model
+        return spec.models is None or model in spec.models
 
     def import_base(self, spec: VariantSpec) -> str | None:
         """The `models` entry an import variant belongs to (None for other variants, which apply to every model)."""

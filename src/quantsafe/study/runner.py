@@ -370,7 +370,7 @@ def run_study(cfg: StudyConfig, out_dir: Path, console: Console | None = None,
             order = 0
             for ref, resolved in zip(cfg.models, plan.models, strict=True):
                 for i, spec in enumerate(cfg.variants):
-                    if spec.import_ is None or cfg.import_base(spec) == ref:  # else: another model's checkpoint
+                    if cfg.applies(spec, ref):
                         driver.prepare(order, resolved, i)
                         order += 1
             for served in cfg.served:
