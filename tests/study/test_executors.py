@@ -16,6 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
+import torch
 import yaml
 from rich.console import Console
 
@@ -139,3 +140,10 @@ def test_killed_driver_resumes_on_rerun(local_run: tuple[Path, Path], data_dir: 
 def test_unknown_executor_is_one_line() -> None:
     with pytest.raises(QuantsafeError, match="unknown executor 'dask'"):
         make_executor("dask")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
+def test_auto_device_is_where_cells_run_and_a_missing_gpu_is_one_line() -> None:
+    assert LocalExecutor().device("auto") == "cpu"
+    with pytest.raises(QuantsafeError, match="sees no CUDA GPU"):
+        LocalExecutor().device("cuda")

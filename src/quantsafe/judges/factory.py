@@ -28,14 +28,14 @@ from quantsafe.judges.template import load_template
 from quantsafe.models.dtype import dtype_name
 
 
-def load_judge_backend(model: str, dtype: torch.dtype = torch.bfloat16) -> Backend:
+def load_judge_backend(model: str, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Backend:
     """Resolve and load a judge model; its name carries the weights' hash and the compute dtype, so the judge
     id tracks both (verdict log-probs differ between bf16 and fp32)."""
     from quantsafe.backends.hf import HFBackend
     from quantsafe.models import load_model, resolve_model
 
     resolved = resolve_model(model)
-    hf_model, tokenizer = load_model(resolved, dtype)
+    hf_model, tokenizer = load_model(resolved, dtype, device=device)
     return HFBackend(hf_model, tokenizer, f"{resolved.name}@{resolved.source_sha256[:16]}/{dtype_name(dtype)}")
 
 
@@ -54,6 +54,7 @@ def build_judge(
     dtype: torch.dtype = torch.bfloat16,
     degeneration_check: bool = True,
     max_item_chars: int = DEFAULT_MAX_ITEM_CHARS,
+    device: str = "cpu",
 ) -> Judge:
     """kind "llm": LLMJudge on `backend` (or the loaded `model`), with the official template when `data_dir`
     has it; `few_shot=True` means DEFAULT_FEW_SHOT (and DEFAULT_REFUSAL_FEW_SHOT for refusal calls).
@@ -69,7 +70,7 @@ def build_judge(
             from quantsafe.models import DEFAULT_MODEL
 
             model = DEFAULT_MODEL
-        backend = load_judge_backend(model, dtype)
+        backend = load_judge_backend(model, dtype, device)
     examples: Sequence[FewShotExample] = (
         DEFAULT_FEW_SHOT if few_shot is True else () if few_shot is False else tuple(few_shot)
     )
@@ -90,23 +91,27 @@ def build_judge(
 
 def judge_from_spec(
     spec: JudgeSpec, *, data_dir: Path | None, criteria: Mapping[str, str] | None = None,
-    dtype: torch.dtype = torch.bfloat16, requests: RequestCache | None = None,
+    dtype: torch.dtype = torch.bfloat16, requests: RequestCache | None = None, device: str = "cpu",
 ) -> Judge:
     """The judge a study or the CLI names; an HTTP judge stores its responses in `requests`, a trained one is
     trained on its labelled sets (or its stored artifact reused)."""
     if spec.kind == "trained":
-        return build_trained_judge(spec.trained, data_dir, dtype)
+        return build_trained_judge(spec.trained, data_dir, dtype, device)
     backend = OpenAIBackend(spec.endpoint, requests) if spec.endpoint is not None else None
     return build_judge(spec.kind, model=spec.model, mode=spec.mode, calibrate=spec.calibrate,
                        few_shot=spec.few_shot, max_retries=spec.max_retries, decoding=spec.decoding,
                        data_dir=data_dir, criteria=criteria, dtype=dtype, backend=backend,
-                       degeneration_check=spec.degeneration_check, max_item_chars=spec.max_item_chars)
+                       degeneration_check=spec.degeneration_check, max_item_chars=spec.max_item_chars,
+                       device=device)
 
 
-def build_trained_judge(config: TrainedJudgeConfig, data_dir: Path | None, dtype: torch.dtype) -> Judge:
+def build_trained_judge(config: TrainedJudgeConfig, data_dir: Path | None, dtype: torch.dtype,
+                        device: str = "cpu") -> Judge:
     """Training sets are files of the data directory's labelled completions or paths to CSVs in their layout,
     named by file stem (the names `trained_on` and validation compare)."""
-    from quantsafe.judges.trained import train_judge
+    from quantsafe.judges.trained import feature_extractor, train_judge
 
     labelled = load_labelled_sets(config.train_sets, data_dir)
-    return train_judge(config.model_copy(update={"train_sets": tuple(labelled)}), labelled, dtype)
+    config = config.model_copy(update={"train_sets": tuple(labelled)})
+    extractor = feature_extractor(config, dtype, device=device) if device != "cpu" else None
+    return train_judge(config, labelled, dtype, extractor)

@@ -90,6 +90,7 @@ class FeatureExtractor:
         max_batch_tokens: int = 4096,
         batch_size: int = 32,
         cache: Path | None = None,
+        device: str = "cpu",
     ) -> None:
         if not layers or min(layers) < 1 or min(max_prompt_tokens, max_response_tokens, max_batch_tokens) < 1:
             raise QuantsafeError("feature layers and token budgets must be >= 1")
@@ -100,6 +101,7 @@ class FeatureExtractor:
         self.max_tokens: dict[Pass, int] = {"prompt": max_prompt_tokens, "reply": max_response_tokens}
         self.max_batch_tokens = max_batch_tokens
         self.batch_size = batch_size
+        self.device = device
         self.cache = cache if cache is not None else cache_dir() / "features"  # another folder: timing uncached
         self.computed = 0  # texts run through the model so far (a fully cached call adds nothing)
         self._model: Any = None
@@ -170,7 +172,7 @@ class FeatureExtractor:
 
     # -- model -----------------------------------------------------------------------------------------
     def _load(self) -> None:
-        model, tok = load_model(self.resolved, self.dtype)
+        model, tok = load_model(self.resolved, self.dtype, device=self.device)
         base = model.base_model
         if not hasattr(base, "layers") or not hasattr(base, "norm"):
             raise QuantsafeError(f"feature model '{self.model_ref}' is not a decoder with .layers and .norm "
@@ -218,9 +220,10 @@ class FeatureExtractor:
             # right padding: causal attention keeps every real token blind to the pads after it
             input_ids = torch.tensor([e.ids + [pad] * (n - len(e.ids)) for e in batch])
             mask = torch.tensor([[1] * len(e.ids) + [0] * (n - len(e.ids)) for e in batch])
-            hidden = self._model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True,
+            hidden = self._model(input_ids=input_ids.to(self._model.device), attention_mask=mask.to(self._model.device),
+                                 output_hidden_states=True,
                                  use_cache=False).hidden_states
-            states = torch.stack([hidden[layer] for layer in self.layers], dim=1).float()  # batch, layers, T, d
+            states = torch.stack([hidden[layer] for layer in self.layers], dim=1).float().cpu()  # batch, layers, T, d
             for r, e in enumerate(batch):
                 final[idx[r]] = states[r, :, len(e.ids) - 1].numpy()
                 mean[idx[r]] = states[r, :, e.start : e.end].mean(dim=1).numpy()

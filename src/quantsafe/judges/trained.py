@@ -363,10 +363,10 @@ def _cuts(reply: str, config: TrainedJudgeConfig) -> list[str]:
 
 
 def feature_extractor(config: TrainedJudgeConfig, dtype: torch.dtype,
-                      layers: Sequence[int] | None = None) -> FeatureExtractor:
-    """The extractor `config` describes, reading `layers` (default: every candidate layer)."""
+                      layers: Sequence[int] | None = None, device: str = "cpu") -> FeatureExtractor:
+    """The extractor `config` describes, reading `layers` (default: every candidate layer) on `device`."""
     return FeatureExtractor(config.feature_model, layers or config.layers, dtype, config.max_prompt_tokens,
-                            config.max_response_tokens, config.max_batch_tokens)
+                            config.max_response_tokens, config.max_batch_tokens, device=device)
 
 
 def _covering(extractor: FeatureExtractor | None, layers: Sequence[int]) -> FeatureExtractor | None:

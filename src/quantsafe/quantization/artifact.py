@@ -95,7 +95,7 @@ def effective_bits_per_weight(results: dict[str, QuantizedLayer]) -> float:
 
 
 def compute_artifact_id(base_sha256: str, config: QuantConfig, calibration_key: str | None,
-                        compute_dtype: torch.dtype = torch.bfloat16) -> str:
+                        compute_dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> str:
     """Content address of an artifact: base weights, full config, the calibration tokens' sha256, the method's
     version (an artifact made before a fix to the method is not reused after it) and, for calibrated methods,
     the dtype the calibration forward passes ran in (their activations, hence the result, depend on it)."""
@@ -103,6 +103,8 @@ def compute_artifact_id(base_sha256: str, config: QuantConfig, calibration_key: 
                               "method_version": get_quantizer_class(config.method).version}
     if calibration_key is not None:
         key["compute_dtype"] = dtype_name(compute_dtype)
+    if torch.device(device).type != "cpu":  # GPU kernels round differently; CPU ids stay as they were
+        key["device"] = torch.device(device).type
     return stable_hash(key)
 
 
@@ -147,13 +149,14 @@ def quantize_variant(
     batch_size: int = 8,
     progress: Progress | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    device: str = "cpu",
 ) -> QuantizedArtifact:
     """Quantize `resolved` as `config` says and save it under `out_root`, or reuse the one found there.
 
     `dtype` is what the calibration forward passes compute in: fp32 where the CPU has no native bf16 (bf16 is
     emulated there and ~5x slower). Stored tensors are the same width either way (bf16 base, fp16 scales)."""
     start = time.perf_counter()
-    model, tokenizer = load_model(resolved, dtype)
+    model, tokenizer = load_model(resolved, dtype, device=device)
     calibration = None
     calibration_key = None
     if config.calibration is not None:
@@ -164,7 +167,7 @@ def quantize_variant(
         else:
             calibration = build_calibration(config.calibration, tokenizer, data_dir, model)
             calibration_key = calibration.token_sha256
-    artifact_id = compute_artifact_id(resolved.source_sha256, config, calibration_key, dtype)
+    artifact_id = compute_artifact_id(resolved.source_sha256, config, calibration_key, dtype, device)
     final = Path(out_root) / _dir_name(resolved.name, config, artifact_id)
     if (final / MANIFEST_FILE).is_file():
         artifact = read_manifest(final)

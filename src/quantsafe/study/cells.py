@@ -74,7 +74,7 @@ class Loader:
             return OpenAIBackend(self.served.endpoint, ctx.request_cache())
         if self.kind == "full":
             assert self.resolved is not None
-            model, tokenizer = load_model(self.resolved, ctx.dtype)
+            model, tokenizer = load_model(self.resolved, ctx.dtype, device=ctx.device)
         elif self.kind == "quantized":
             assert self.path is not None
             model, tokenizer = load_quantized(self.path, dtype=ctx.dtype)
@@ -128,7 +128,7 @@ def prepare_variant(ctx: Context, resolved: ResolvedModel, spec: VariantSpec, ch
                          dequantized_gguf=resolved.dequantized_gguf, config={"method": "none"})
         return row, Loader("full", resolved=resolved)
     qcfg = spec.quant_config()
-    art = quantize_variant(resolved, qcfg, ctx.data_dir, ctx.artifacts, dtype=ctx.dtype)
+    art = quantize_variant(resolved, qcfg, ctx.data_dir, ctx.artifacts, dtype=ctx.dtype, device=ctx.device)
     row = VariantRow(variant_id=art.artifact_id, model=resolved.name, precision=f"int{qcfg.bits}",
                      method=qcfg.method, bits=qcfg.bits, group_size=qcfg.group_size,
                      bits_per_weight=art.bits_per_weight, source_sha256=resolved.source_sha256,
@@ -215,7 +215,8 @@ class JudgeIdentity:
 def _judge(ctx: Context, spec: JudgeSpec) -> Judge:
     torch.set_num_threads(ctx.threads)
     return resident(f"judge:{stable_hash(spec)}", lambda: judge_from_spec(
-        spec, data_dir=ctx.data_dir, criteria=ctx.criteria, dtype=ctx.dtype, requests=ctx.request_cache()))
+        spec, data_dir=ctx.data_dir, criteria=ctx.criteria, dtype=ctx.dtype, requests=ctx.request_cache(),
+        device=ctx.device))
 
 
 def identify_judge(ctx: Context, spec: JudgeSpec) -> JudgeIdentity:
