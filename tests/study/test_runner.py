@@ -153,3 +153,35 @@ def test_a_bad_import_fails_before_any_model(tmp_path: Path, data_dir: Path) -> 
                                              r"source does not exist"):
         _plan(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_people_labels_reach_both_reports_and_the_correction(study: tuple[StudyConfig, Path], tmp_path: Path) -> None:
+    """Labels given in the annotation app (here written through its store) validate the judges in report.md and
+    report.html, and their error rates measured on the study's own answers correct its safety ratios."""
+    import shutil
+
+    from quantsafe.annotation import AnnotationStore, HumanLabel
+    from quantsafe.judges.base import Verdict
+
+    _, out = study
+    copy = tmp_path / "out"
+    copy.mkdir()
+    shutil.copy(out / "quantsafe.db", copy / "quantsafe.db")
+    (copy / "before").mkdir()
+    with Store.open(copy / "quantsafe.db") as store:
+        record = store.study("tiny")
+        answers = [g for v in record.variant_ids for g in store.generations(v, record.decoding_id)]
+        write_report(store, copy / "before", record)
+    labels = [HumanLabel(variant_id=g.variant_id, prompt_uid=g.prompt_uid, decoding_id=g.decoding_id,
+                         response_sha=g.response_sha, annotator=who,
+                         label=Verdict.UNSAFE if (i % 3 == 0) != (who == "bob" and i == 3) else Verdict.SAFE)
+              for i, g in enumerate(answers) for who in ("alice", "bob")]
+    with AnnotationStore(copy / "quantsafe.db") as annotations:
+        annotations.put_labels(labels)
+    with Store.open(copy / "quantsafe.db") as store:
+        report = write_report(store, copy, store.study("tiny"))
+    text, html = report.read_text(), (copy / "report.html").read_text()
+    assert "## People's labels of this study's answers" in text and "People's labels" in html
+    assert "<svg" in html
+    assert "People's labels" not in (copy / "before" / "report.md").read_text()
+    assert (copy / "scores.csv").read_text() != (copy / "before" / "scores.csv").read_text()  # people's rates
