@@ -1,4 +1,5 @@
-"""Hugging Face transformers backend: chat template, left padding, length-sorted token-budgeted batches."""
+"""Hugging Face transformers backend: chat template, left padding, continuous batching with a shared prefix, and
+length-sorted token-budgeted scoring batches."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from quantsafe.errors import QuantsafeError
 from quantsafe.models.device import generation_rows
 
 MIN_SHARED_PREFIX = 32  # below this, re-encoding the prefix costs less than copying its KV cache
+REFILL_AT = 0.25  # share of free rows that calls in waiting prompts: one prefill reads every weight, however few rows
 PREFIX_CACHE_SIZE = 8  # shared prefixes kept between calls (a judge uses two; SafetyBench one per category)
 
 log = logging.getLogger("quantsafe.backends")
@@ -110,7 +112,7 @@ class HFBackend:
         torch.manual_seed(decoding.seed)
         live: _Live | None = None
         while waiting or live is not None:
-            if waiting and (live is None or (live.mergeable and rows - len(live.items) >= max(1, rows // 4))):
+            if waiting and (live is None or (live.mergeable and rows - len(live.items) >= rows * REFILL_AT)):
                 admit = _admit([len(encoded[i][0]) for i in waiting], live, rows, decoding)
                 if admit:
                     live = self._prefill([prompts[i] for i in waiting[:admit]], waiting[:admit], prefix, live)
