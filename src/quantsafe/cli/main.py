@@ -80,6 +80,8 @@ def plan(
     measure: Annotated[bool, typer.Option(
         help="First measure this machine's prefill and decode rates on the default model (about a minute; cached).")
     ] = False,
+    detail: Annotated[bool, typer.Option(help="One line per variant and stage (default: per model and stage).")
+                      ] = False,
 ) -> None:
     """The study's cells, what is already done, and hours per device kind, before anything runs."""
     from rich.table import Table
@@ -99,7 +101,7 @@ def plan(
         table.add_column(column, justify="right" if column in ("items", "done") else "left")
     for kind in result.kinds:
         table.add_column(kind.name, justify="right")
-    for line in result.lines:
+    for line in result.lines if detail else result.by_stage():
         table.add_row(line.model, line.stage, str(line.items), "–" if line.done is None else str(line.done),
                       *(f"{line.hours[k.name]:.2f}" for k in result.kinds))
     totals = result.totals()

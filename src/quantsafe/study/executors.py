@@ -50,8 +50,9 @@ class Executor(Protocol):
 
 @dataclass
 class LocalExecutor:
-    """In-process, lowest priority first: all of a variant's cells before the next variant's, each judge's cells
-    together, so each model loads once."""
+    """In-process, lowest priority first: each variant is prepared and answers everything before the next one is
+    quantized (finished variants are usable while later ones run), then each judge reads every variant, so each
+    model loads once."""
 
     name: str = "local"
     threads: int = field(default_factory=torch.get_num_threads)

@@ -34,20 +34,32 @@ FULL_JUDGE_DECODE = 300  # tokens a full-mode (guided reasoning) verdict writes
 ABLITERATION_TOKENS = 256 * 64  # 128 harmful + 128 harmless instructions of ~64 tokens, read once
 TRAINED_FEATURE_MODEL = 0.49  # billions: the trained judge reads hidden states of the default model
 PUBLISHED_SIZES = {"safetybench": (11435, 1500), "hotpotqa": (7405, 900)}  # items, prompt tokens when not local
-QUANT_SECONDS_PER_B = {  # H200, bf16; bench/results/device_check.json (8B rows where measured, else 0.5B)
+QUANT_SECONDS_PER_B_GPU = {  # H200, bf16; bench/results/device_check.json (8B rows where measured, else 0.5B)
     "rtn": 0.1, "gptq": 30.5, "awq": 9.8, "quik": 24.6, "quip_sharp": 227.0, "aqlm": 187.0, "aqlm-1x16": 2306.0,
     "ste": 30.0, "qlora": 5.2,
+}
+CPU_OVER_GPU = 80.0  # GPTQ's CPU/H200 ratio, for methods not timed on a CPU
+QUANT_SECONDS_PER_B_CPU = {  # 2 cores AVX512-BF16; bench/results/quantizers.json (SmolLM2-135M, 128 x 512 tokens)
+    "rtn": 260.0, "gptq": 2430.0, "quip_sharp": 3010.0, "aqlm": 5930.0,
+    **{m: s * CPU_OVER_GPU for m, s in QUANT_SECONDS_PER_B_GPU.items() if m in ("awq", "quik", "ste", "qlora",
+                                                                               "aqlm-1x16")},
 }
 
 
 class DeviceKind(BaseModel):
-    """A device's effective rates; `quant_scale` multiplies the H200 quantizer times."""
+    """A device's effective rates; `quant_scale` multiplies the quantizer times measured on its class of device
+    (an H200 for GPUs, this 2-core AVX512-BF16 CPU for CPUs)."""
 
     name: str
     prefill_flops: float
     decode_share: float  # batched decode tokens/s over prefill tokens/s
     quant_scale: float
+    cpu: bool = False
     source: str
+
+    def quantize_seconds(self, method: str, params_b: float) -> float:
+        table = QUANT_SECONDS_PER_B_CPU if self.cpu else QUANT_SECONDS_PER_B_GPU
+        return table.get(method, table["gptq"]) * params_b * self.quant_scale
 
 
 DEFAULT_KINDS = [
@@ -55,9 +67,9 @@ DEFAULT_KINDS = [
                source="default: 150 TFLOP/s bf16 peak at 40%; decode at 10% (HF generate, batch 32)"),
     DeviceKind(name="H100", prefill_flops=300e12, decode_share=0.06, quant_scale=1.2,
                source="default: 750 TFLOP/s bf16 dense peak at 40%; decode at 6%"),
-    DeviceKind(name="CPU 2 cores AVX512-BF16", prefill_flops=0.35e12, decode_share=0.25, quant_scale=60.0,
+    DeviceKind(name="CPU 2 cores AVX512-BF16", prefill_flops=0.35e12, decode_share=0.25, quant_scale=1.0, cpu=True,
                source="default: measured here on Qwen2.5-0.5B (bench/results/generation.json, quantizers.json)"),
-    DeviceKind(name="CPU 2 cores AVX2", prefill_flops=0.07e12, decode_share=0.25, quant_scale=300.0,
+    DeviceKind(name="CPU 2 cores AVX2", prefill_flops=0.07e12, decode_share=0.25, quant_scale=5.0, cpu=True,
                source="default: fp32 (bf16 is emulated there), about 5x slower than AVX512-BF16"),
 ]
 
@@ -93,6 +105,20 @@ class Plan(BaseModel):
 
     def totals(self) -> dict[str, float]:
         return {k.name: sum(line.hours[k.name] for line in self.lines) for k in self.kinds}
+
+    def by_stage(self) -> list[Line]:
+        """One line per model and stage (quantize, generate, score, judge...), summed over variants."""
+        grouped: dict[tuple[str, str], Line] = {}
+        for line in self.lines:
+            key = (line.model, line.stage.split()[0])
+            if key not in grouped:
+                grouped[key] = Line(model=line.model, stage=key[1], items=0, done=None,
+                                    hours=dict.fromkeys(line.hours, 0.0))
+            g = grouped[key]
+            g.items += line.items
+            g.done = None if line.done is None else (g.done or 0) + line.done
+            g.hours = {k: g.hours[k] + h for k, h in line.hours.items()}
+        return list(grouped.values())
 
 
 def _load_items(cfg: StudyConfig, data_dir: Path | None, notes: list[str]) -> dict[str, tuple[int, float, Kind]]:
@@ -196,8 +222,7 @@ def make_plan(cfg: StudyConfig, out_dir: Path | None = None, kinds: Sequence[Dev
                     qcfg = spec.quant_config()
                     key = "aqlm-1x16" if qcfg.method == "aqlm" and qcfg.options.get("nbits_per_codebook") == 16 \
                         else qcfg.method
-                    per_b = QUANT_SECONDS_PER_B.get(key, QUANT_SECONDS_PER_B["gptq"])
-                    line(model, f"quantize {label}", 1, None, {k.name: per_b * p * k.quant_scale for k in kinds})
+                    line(model, f"quantize {label}", 1, None, {k.name: k.quantize_seconds(key, p) for k in kinds})
                 n_gen = sum(n for n, _ in generated)
                 line(model, f"generate {label}", n_gen, _done(store, model, spec, "generations"), {
                     k.name: _seconds(k, p, sum(n * t for n, t in generated), n_gen * answer_tokens) for k in kinds})
@@ -277,7 +302,7 @@ def measure(model_ref: str | None = None, device: str = "auto", dtype: str = "au
     info = machine_info()
     kind = DeviceKind(
         name="this machine", prefill_flops=2 * params * prefill_tps, decode_share=min(1.0, decode_tps / prefill_tps),
-        quant_scale=60.0 if dev.type == "cpu" else 1.0,
+        quant_scale=1.0, cpu=dev.type == "cpu",
         source=f"measured {time.strftime('%Y-%m-%d')} on {info.get('cpu_model')} ({info.get('cpu_capability')}), "
                f"{dev}, {dtype_name(compute)}: prefill {prefill_tps:.0f} tok/s, decode {decode_tps:.1f} tok/s "
                f"({resolved.name})")

@@ -142,7 +142,7 @@ class _Driver:
         spec = self.cfg.variants[index]
         self.console.print(f"variant {resolved.name} {spec.label()}")
         args = (self.ctx, resolved, spec, self.plan.imports.get(index), self.plan.abliterations.get(index))
-        self.submit(cells.prepare_variant, args, (0, order), lambda result: self.prepared(order, *result),
+        self.submit(cells.prepare_variant, args, (0, order, -1), lambda result: self.prepared(order, *result),
                     Needs(gpu=torch.device(self.ctx.device).type == "cuda" and index not in self.plan.imports))
 
     def prepared(self, order: int, row: VariantRow, loader: Loader) -> None:
@@ -154,13 +154,13 @@ class _Driver:
         self.answering[order] = len(todo)
         task = self._task(f"generate {label}", sum(map(len, todo)))
         for k, chunk in enumerate(todo):
-            self.submit(cells.generate_cell, (self.ctx, row, loader, chunk), (1, order, k),
+            self.submit(cells.generate_cell, (self.ctx, row, loader, chunk), (0, order, k),
                         partial(self.answered, order, task), needs)
         done = self.store.done_choices(row.variant_id, self.ctx.scoring_id)
         todo = _chunks([p for p in _of(self.plan.prompts, Kind.CHOICE) if p.uid not in done])
         task = self._task(f"score {label}", sum(map(len, todo)))
         for k, chunk in enumerate(todo):
-            self.submit(cells.score_cell, (self.ctx, row, loader, chunk), (1, order, len(self.plan.prompts) + k),
+            self.submit(cells.score_cell, (self.ctx, row, loader, chunk), (0, order, len(self.plan.prompts) + k),
                         partial(self.scored, task), needs)
         if not self.answering[order]:
             self.ready(order)
@@ -183,7 +183,7 @@ class _Driver:
     # judges
     def identify(self, j: int) -> None:
         spec = self.cfg.judges[j]
-        self.submit(cells.identify_judge, (self.ctx, spec), (2, j, -1), lambda ident: self.identified(j, ident),
+        self.submit(cells.identify_judge, (self.ctx, spec), (1, j, -1), lambda ident: self.identified(j, ident),
                     self._needs(None) if spec.endpoint is None else Needs())
 
     def identified(self, j: int, ident: JudgeIdentity) -> None:
@@ -206,7 +206,7 @@ class _Driver:
                          self.store.done_judgments(v.variant_id, self.ctx.gen_key, ident.judge_id))
         task = self._task(f"judge[{ident.mode}] {label}", sum(map(len, unread)))
         for k, chunk in enumerate(unread):
-            self.submit(cells.judge_cell, (self.ctx, spec, chunk), (2, j, order, k),
+            self.submit(cells.judge_cell, (self.ctx, spec, chunk), (1, j, order, k),
                         partial(self.judged, task), needs)
         if ident.refusal_id is None or not self.refusal:
             return
@@ -214,7 +214,7 @@ class _Driver:
                          self.store.done_refusals(v.variant_id, self.ctx.gen_key, ident.refusal_id))
         task = self._task(f"refusal {label}", sum(map(len, unread)))
         for k, chunk in enumerate(unread):
-            self.submit(cells.refusal_cell, (self.ctx, spec, chunk), (2, j, order, len(self.plan.prompts) + k),
+            self.submit(cells.refusal_cell, (self.ctx, spec, chunk), (1, j, order, len(self.plan.prompts) + k),
                         partial(self.refused, task), needs)
 
     def judged(self, task: TaskID, rows: list[JudgmentRow]) -> None:
@@ -238,7 +238,7 @@ class _Driver:
                                f"completions ({', '.join(todo)}; up to {validation.limit_per_set or 'all'} items each)")
         for i, set_name in enumerate(todo):
             skip = frozenset(d for d in done if d[0] == set_name)
-            self.submit(cells.validate_cell, (self.ctx, spec, validation, set_name, skip), (2, j, 1 << 30, i),
+            self.submit(cells.validate_cell, (self.ctx, spec, validation, set_name, skip), (1, j, 1 << 30, i),
                         lambda rows: self.validated(ident.judge_id, sample, rows),
                         self._needs(None) if spec.endpoint is None else Needs())
 
