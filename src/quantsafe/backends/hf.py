@@ -313,11 +313,11 @@ def _admit(waiting: Sequence[int], live: _Live | None, rows: int, decoding: Deco
 
 
 def _pick(logits: torch.Tensor, decoding: DecodingConfig) -> torch.Tensor:
-    """Next token per row: argmax, or a draw from the temperature-scaled nucleus (top_p) of the distribution."""
-    scores = logits.float()
+    """Next token per row: argmax (in the logits' own dtype: widening is exact, so the same token, without
+    copying rows × vocabulary), or a draw from the temperature-scaled nucleus (top_p) of the distribution."""
     if decoding.greedy:
-        return scores.argmax(-1)
-    probs = torch.softmax(scores / decoding.temperature, dim=-1)
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / decoding.temperature, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     outside = sorted_probs.cumsum(-1) - sorted_probs > decoding.top_p  # the most likely token is always inside
     sorted_probs[outside] = 0.0
