@@ -260,3 +260,22 @@ def test_sampling_is_seeded_and_a_tiny_nucleus_is_greedy(backend: HFBackend) -> 
     assert [g.text for g in first] == [g.text for g in again]
     draws = {tuple(_pick(logits, DecodingConfig(temperature=5.0)).tolist()) for _ in range(5)}
     assert len(draws) > 1  # a hot distribution is really sampled
+
+
+def test_a_sliding_window_cache_decodes_batch_after_batch(backend: HFBackend) -> None:
+    """Sliding-window layers keep only their window, so rows cannot join a live cache; answers still match."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, vocab_size=len(backend.tokenizer), use_sliding_window=True,
+                         sliding_window=16, max_window_layers=0)
+    tiny = HFBackend(Qwen2ForCausalLM(config).eval(), backend.tokenizer, "tiny-sliding")
+    convs = [*CONVS, [{"role": "user", "content": "Name a colour."}], LONG]
+    dec = DecodingConfig(max_new_tokens=6, batch_size=2)
+    rec = Recorder(tiny.model)
+    tiny.model = rec
+    together = tiny.generate(convs, dec)
+    assert all(rows <= 2 for (rows, _), _ in rec.forwards)
+    alone = [tiny.generate([c], dec.model_copy(update={"batch_size": 1}))[0] for c in convs]
+    assert [g.text for g in together] == [g.text for g in alone]

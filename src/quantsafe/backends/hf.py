@@ -16,6 +16,7 @@ from quantsafe.models.device import generation_rows
 
 MIN_SHARED_PREFIX = 32  # below this, re-encoding the prefix costs less than copying its KV cache
 REFILL_AT = 0.25  # share of free rows that calls in waiting prompts: one prefill reads every weight, however few rows
+PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward: enough rows to amortise reading the weights
 PREFIX_CACHE_SIZE = 8  # shared prefixes kept between calls (a judge uses two; SafetyBench one per category)
 
 log = logging.getLogger("quantsafe.backends")
@@ -106,6 +107,8 @@ class HFBackend:
         rows = generation_rows(self.model, decoding.batch_size, longest + decoding.max_new_tokens)
         prompts = [ids for ids, _ in encoded]
         prefix = _common_prefix(prompts)
+        if prefix and not _plain_cache(self._prefix_cache(prefix)):
+            prefix = []  # a sliding window counts cache columns: padding between prefix and prompt would shift it
         waiting = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
         new: list[list[int]] = [[] for _ in encoded]
         finished = [False] * len(encoded)
@@ -113,10 +116,16 @@ class HFBackend:
         live: _Live | None = None
         while waiting or live is not None:
             if waiting and (live is None or (live.mergeable and rows - len(live.items) >= rows * REFILL_AT)):
-                admit = _admit([len(encoded[i][0]) for i in waiting], live, rows, decoding)
-                if admit:
-                    live = self._prefill([prompts[i] for i in waiting[:admit]], waiting[:admit], prefix, live)
-                    del waiting[:admit]
+                joining = waiting[: _admit([len(prompts[i]) for i in waiting], live, rows, decoding)]
+                del waiting[: len(joining)]
+                # in groups of similar length (they are sorted): one padded group would mostly encode padding
+                groups = _batches([len(prompts[i]) for i in joining], len(joining), PREFILL_TOKENS)
+                for n, group in enumerate(groups):
+                    if live is not None and not live.mergeable:  # its cache takes no rows in: the rest wait
+                        waiting[:0] = [joining[k] for g in groups[n:] for k in g]
+                        break
+                    live = self._prefill([prompts[joining[k]] for k in group], [joining[k] for k in group], prefix,
+                                         live)
             assert live is not None  # admission takes at least one row when none is live
             tokens = _pick(live.logits, decoding)
             done: list[int] = []
@@ -287,6 +296,15 @@ def _batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[l
 
 
 
+def _plain_cache(cache: Any) -> bool:
+    """Whether every layer of a KV cache holds all its columns (full attention): only such a cache can take in
+    new rows padded to its width or share a prefix across a gap; sliding-window or linear-attention layers keep
+    other state."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+
 def _common_prefix(prompts: Sequence[list[int]]) -> list[int]:
     """The tokens all prompts start with (none for a lone prompt), leaving each at least one of its own: its
     logits start the answer."""
@@ -330,12 +348,8 @@ class _Live:
 
     def __init__(self, items: list[int], cache: Any, mask: torch.Tensor, positions: torch.Tensor,
                  logits: torch.Tensor):
-        from transformers.cache_utils import DynamicLayer
-
         self.items, self.cache, self.mask, self.positions, self.logits = items, cache, mask, positions, logits
-        # new rows can join only a cache made of plain full-attention layers (sliding or linear layers keep
-        # other state; such models decode batch after batch)
-        self.mergeable = all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+        self.mergeable = _plain_cache(cache)  # else such models decode batch after batch
 
     def step(self, model: Any, tokens: torch.Tensor) -> None:
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.items), 1)], dim=1)
