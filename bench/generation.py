@@ -91,16 +91,21 @@ def hf_generate(backend: HFBackend, convs: list[list[dict[str, str]]], decoding:
 
 
 def judge_speed(backend: HFBackend, prompts: list[Prompt], answers: list[str], data_dir: Path) -> dict[str, Any]:
-    """The fast LLM judge (JudgeSpec(kind="llm", mode="fast")) on `backend` over these answers; the first call
-    includes its once-per-scenario calibration, as in a study."""
+    """The fast LLM judge (JudgeSpec(kind="llm", mode="fast")) on `backend` over these answers. Its first call
+    also computes the once-per-judge-and-scenario calibration, which a study spreads over ~100 items a scenario
+    and a few items here would not: `items_per_s` is the second call (the items alone, as in a study)."""
     judge = build_judge("llm", mode="fast", data_dir=data_dir, backend=backend)
     criteria = load_criteria(data_dir)
     items = [JudgeItem(scenario=p.scenario, criterion=criteria[p.scenario], prompt=p.text, response=a)
              for p, a in zip(prompts, answers, strict=True)]
     start = time.perf_counter()
+    judge.judge(items)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
     verdicts = judge.judge(items)
     seconds = time.perf_counter() - start
     return {"items": len(items), "seconds": seconds, "items_per_s": len(items) / seconds,
+            "first_call_seconds": first, "first_call_items_per_s": len(items) / first,
             "scenarios": len({p.scenario for p in prompts}),
             "verdicts": {v: sum(j.verdict.value == v for j in verdicts) for v in sorted({j.verdict.value
                                                                                          for j in verdicts})}}
