@@ -33,6 +33,8 @@ class _Row(NamedTuple):
 class HFBackend:
     """Wraps a loaded causal LM and its tokenizer; `name` is the variant id used for caching."""
 
+    batching = "continuous-v1"  # in every generation key: a change to how rows share passes changes bf16 outputs
+
     def __init__(self, model: Any, tokenizer: Any, name: str):
         self.model = model
         self.tokenizer = tokenizer

@@ -99,7 +99,7 @@ def self_generated_tokens(model: Any, tokenizer: Any, n_samples: int, seq_len: i
     `seq_len` tokens exist, so every window is full length.
     """
     prompt = tokenizer.bos_token or "\n"
-    prompt_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    prompt_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=model.device)
     torch.manual_seed(seed)
     out = []
     with torch.no_grad():
@@ -117,7 +117,7 @@ def self_generated_tokens(model: Any, tokenizer: Any, n_samples: int, seq_len: i
                 min_new_tokens=seq_len,
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
             )
-            out.append(gen[:, ids.shape[1] :])
+            out.append(gen[:, ids.shape[1] :].cpu())
     return torch.cat(out)
 
 

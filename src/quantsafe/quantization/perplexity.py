@@ -47,7 +47,7 @@ def perplexity(
     windows = token_ids[: n_windows * seq_len].reshape(n_windows, seq_len)
     total_nll = 0.0
     for start in range(0, n_windows, batch_size):
-        batch = windows[start : start + batch_size]
+        batch = windows[start : start + batch_size].to(getattr(model, "device", "cpu"))  # any callable scores
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         total_nll += F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"

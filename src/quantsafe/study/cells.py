@@ -30,6 +30,7 @@ from quantsafe.judges.factory import judge_from_spec
 from quantsafe.judges.spec import JudgeSpec
 from quantsafe.judges.validation import AgreementRow, RefusalClassifier
 from quantsafe.models import ResolvedModel, load_model
+from quantsafe.models.device import release_model
 from quantsafe.models.dtype import dtype_name
 from quantsafe.models.imported import ImportedCheckpoint, load_imported
 from quantsafe.quantization import load_quantized, quantize_variant
@@ -101,7 +102,11 @@ def resident(key: str, make: Callable[[], T]) -> T:
 
 
 def release_resident() -> None:
-    """Free whatever model or judge this process holds (before quantizing, and when a study ends)."""
+    """Free whatever model or judge this process holds (before quantizing, and when a study ends); a GPU
+    backend's weights are freed even where something still refers to it, so the next cell's model fits."""
+    for value in _RESIDENT.values():
+        if isinstance(value, HFBackend) and value.model.device.type == "cuda":
+            release_model(value.model)
     _RESIDENT.clear()
     gc.collect()
     if torch.cuda.is_available():

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from quantsafe.backends.base import DecodingConfig
+from quantsafe.backends.hf import HFBackend
 from quantsafe.benchmarks import Kind, Prompt, benchmark, load_benchmark, load_criteria
 from quantsafe.benchmarks.xstest import load_labelled_sets, load_xstest_completions
 from quantsafe.datadir import cache_dir, resolve_data_dir
@@ -35,6 +36,7 @@ from quantsafe.study.config import ServedSpec, StudyConfig
 from quantsafe.study.executors import Executor, LocalExecutor, Needs, Priority
 
 CHUNK = 32  # generations/judgments committed per transaction: what a kill can cost at most
+GENERATION_BATCHES = 4  # batches per generation cell: continuous batching refills rows, and each call ends in a tail
 REQUEST_CACHE = "requests.db"  # every HTTP response of the study (served models, HTTP judges), for free reruns
 
 
@@ -50,8 +52,10 @@ def _on(device: str) -> dict[str, str]:
 
 
 def generation_key(decoding: DecodingConfig, dtype: torch.dtype, device: str = "cpu") -> str:
-    """Keys every generation: the decoding settings that change outputs, the compute dtype and device type."""
-    return stable_hash({"decoding": decoding.key_fields(), "dtype": dtype_name(dtype)} | _on(device))
+    """Keys every generation: the decoding settings that change outputs, the batching algorithm (which rows share
+    a forward pass moves bf16 greedy outputs), the compute dtype and device type."""
+    return stable_hash({"decoding": decoding.key_fields(), "batching": HFBackend.batching,
+                        "dtype": dtype_name(dtype)} | _on(device))
 
 
 def scoring_key(decoding: DecodingConfig, dtype: torch.dtype, device: str = "cpu") -> str:
@@ -81,8 +85,8 @@ def _generated(prompts: Sequence[Prompt]) -> list[Prompt]:
     return [p for p in prompts if benchmark(p.benchmark).kind != Kind.CHOICE]
 
 
-def _chunks(items: Sequence[Any]) -> list[list[Any]]:
-    return [list(items[start : start + CHUNK]) for start in range(0, len(items), CHUNK)]
+def _chunks(items: Sequence[Any], size: int = CHUNK) -> list[list[Any]]:
+    return [list(items[start : start + size]) for start in range(0, len(items), size)]
 
 
 def _weights_bytes(path: Path | None) -> int | None:
@@ -150,7 +154,8 @@ class _Driver:
         self.variants[order] = row
         needs, label = self._needs(loader), f"{row.model} {row.precision} {row.method}"
         done = self.store.done_generations(row.variant_id, self.ctx.gen_key)
-        todo = _chunks([p for p in _generated(self.plan.prompts) if p.uid not in done])
+        todo = _chunks([p for p in _generated(self.plan.prompts) if p.uid not in done],
+                       max(CHUNK, GENERATION_BATCHES * self.ctx.decoding.batch_size))
         self.answering[order] = len(todo)
         task = self._task(f"generate {label}", sum(map(len, todo)))
         for k, chunk in enumerate(todo):
