@@ -67,9 +67,10 @@ DEFAULT_KINDS = [
                source="default: 150 TFLOP/s bf16 peak at 40%; decode at 10% (HF generate, batch 32)"),
     DeviceKind(name="H100", prefill_flops=300e12, decode_share=0.06, quant_scale=1.2,
                source="default: 750 TFLOP/s bf16 dense peak at 40%; decode at 6%"),
-    DeviceKind(name="CPU 2 cores AVX512-BF16", prefill_flops=0.35e12, decode_share=0.25, quant_scale=1.0, cpu=True,
-               source="default: measured here on Qwen2.5-0.5B (bench/results/generation.json, quantizers.json)"),
-    DeviceKind(name="CPU 2 cores AVX2", prefill_flops=0.07e12, decode_share=0.25, quant_scale=5.0, cpu=True,
+    DeviceKind(name="CPU 2 cores AVX512-BF16", prefill_flops=0.7e12, decode_share=0.13, quant_scale=1.0, cpu=True,
+               source="default: measured on Qwen2.5-0.5B, bf16 (bench/results/generation.json: prefill 721 tok/s, "
+                      "batched decode 93 tok/s; quantizers.json)"),
+    DeviceKind(name="CPU 2 cores AVX2", prefill_flops=0.14e12, decode_share=0.13, quant_scale=5.0, cpu=True,
                source="default: fp32 (bf16 is emulated there), about 5x slower than AVX512-BF16"),
 ]
 
