@@ -70,3 +70,16 @@ def test_cli_plans_the_shipped_studies(study: str, data_dir: Path) -> None:
                           env={"COLUMNS": "250", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "total" in proc.stdout and "A40" in proc.stdout and "quantize" in proc.stdout
+
+
+def test_measure_times_this_machine_and_the_plan_uses_it(data_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from quantsafe.study import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "_rates_file", lambda: tmp_path / "throughput.json")
+    kind = plan_module.measure("smollm2-135m", device="cpu")
+    assert kind.name == "this machine" and kind.cpu and kind.prefill_flops > 0 and 0 < kind.decode_share <= 1
+    assert "prefill" in kind.source and "cpu" in kind.source
+    assert plan_module.measured_kinds() == [kind]
+    plan = make_plan(_config(data_dir, tmp_path))
+    assert plan.kinds[0].name == "this machine" and plan.totals()["this machine"] > 0
