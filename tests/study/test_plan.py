@@ -55,12 +55,13 @@ def test_plan_counts_items_and_scales_with_the_device(data_dir: Path, tmp_path: 
 
 def test_plan_counts_what_the_store_holds(data_dir: Path, tmp_path: Path) -> None:
     cfg = _config(data_dir, tmp_path).model_copy(update={
-        "variants": _config(data_dir, tmp_path).variants[:1], "judges": _config(data_dir, tmp_path).judges[:1],
-        "benchmarks": _config(data_dir, tmp_path).benchmarks[:1]})
+        "variants": _config(data_dir, tmp_path).variants[:1], "benchmarks": _config(data_dir, tmp_path).benchmarks[:1]})
     run_study(cfg, tmp_path / "out", Console(quiet=True))
     plan = make_plan(cfg, tmp_path / "out", kinds=DEFAULT_KINDS)
     generate = next(line for line in plan.lines if line.stage.startswith("generate"))
+    judge = next(line for line in plan.lines if line.stage.startswith("judge"))
     assert (generate.items, generate.done) == (4, 4)
+    assert (judge.stage, judge.items, judge.done) == ("judge bf16 (trained/fast)", 4, 4)  # not the regex judge's
 
 
 @pytest.mark.parametrize("study", ["paper.yaml", "small-grid.yaml"])

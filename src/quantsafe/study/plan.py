@@ -23,6 +23,7 @@ from quantsafe.benchmarks import Kind, Prompt, benchmark, load_benchmark
 from quantsafe.benchmarks.xstest import load_xstest_completions
 from quantsafe.datadir import cache_dir, resolve_data_dir
 from quantsafe.errors import QuantsafeError
+from quantsafe.judges.spec import JudgeSpec
 from quantsafe.models.dtype import dtype_name, machine_info
 from quantsafe.store import Store, VariantRow
 from quantsafe.study.config import StudyConfig, VariantSpec
@@ -171,15 +172,23 @@ def _matches(row: VariantRow, model: str, spec: VariantSpec) -> bool:
     return row.config == spec.quant_config().model_dump(mode="json")
 
 
-def _done(store: Store | None, model: str, spec: VariantSpec, table: str) -> int | None:
-    """Rows of `table` the store holds for the variant (any decoding): how much of its work a rerun skips."""
+def _done(store: Store | None, model: str, spec: VariantSpec, table: str, judge: JudgeSpec | None = None,
+          ) -> int | None:
+    """Rows of `table` the store holds for the variant (any decoding), and for judges of `judge`'s kind and mode:
+    how much of its work a rerun skips."""
     if store is None:
         return None
     ids = [v.variant_id for v in store.variants() if _matches(v, model, spec)]
     if not ids:
         return 0
     marks = ",".join("?" * len(ids))
-    return int(store.conn.execute(f"SELECT COUNT(*) FROM {table} WHERE variant_id IN ({marks})", ids).fetchone()[0])
+    if judge is None:
+        query = f"SELECT COUNT(*) FROM {table} WHERE variant_id IN ({marks})"
+        return int(store.conn.execute(query, ids).fetchone()[0])
+    judges = "SELECT judge_id FROM judges WHERE kind = ? AND (kind != 'llm' OR mode = ?)"  # only LLM modes differ
+    return sum(int(store.conn.execute(f"SELECT COUNT(*) FROM {t} WHERE variant_id IN ({marks}) AND {column} IN "
+                                      f"({judges})", [*ids, judge.kind, judge.mode]).fetchone()[0])
+               for t, column in (("judgments", "judge_id"), ("refusals", "refusal_id")))
 
 
 def _seconds(kind: DeviceKind, params_b: float, prefill: float, decode: float) -> float:
@@ -237,7 +246,7 @@ def make_plan(cfg: StudyConfig, out_dir: Path | None = None, kinds: Sequence[Dev
                     jp = TRAINED_FEATURE_MODEL if j.kind == "trained" else model_params(j.model)
                     prompt = answer_tokens + (LLM_JUDGE_PROMPT if j.kind == "llm" else CHAT_OVERHEAD * 4)
                     decode = FULL_JUDGE_DECODE if j.kind == "llm" and j.mode == "full" else 0
-                    done = _done(store, model, spec, "judgments")
+                    done = _done(store, model, spec, "judgments", j)
                     line(model, f"judge {label} ({j.kind}/{j.mode})", judged, done,
                          {k.name: _seconds(k, jp, judged * prompt, judged * decode) for k in kinds})
         n_val = _validation_items(cfg, data_dir)
