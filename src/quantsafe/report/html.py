@@ -16,7 +16,7 @@ from typing import Any
 from markdown_it import MarkdownIt
 
 from quantsafe import __version__
-from quantsafe.report.markdown import BENCH_COLUMNS, headline_judge, trust_sentence
+from quantsafe.report.markdown import BENCH_COLUMNS, headline_judge, ratio_cell, trust_sentence
 from quantsafe.report.metrics import MetricRow
 from quantsafe.report.paper import PaperRow, render_other_tables, render_paper_table
 from quantsafe.report.plots import bits, delta_heatmap_svg, metric_bars_svg, pareto_svg
@@ -65,12 +65,8 @@ def _num(x: float | None, digits: int = 3) -> str:
 
 
 def _ratio(s: ScoreRow | None) -> str:
-    if s is None:
-        return "–"
-    text = f"{100 * s.safety_ratio:.1f} [{100 * s.ci_low:.1f}, {100 * s.ci_high:.1f}] (n={s.n})"
-    if s.delta_vs_fp is not None and s.p_value_vs_fp is not None:
-        text += f" Δ{s.delta_vs_fp:+.1f} p={s.p_value_vs_fp:.2g}"
-    if s.corrected_ratio is not None and s.corrected_low is not None and s.corrected_high is not None:
+    text = ratio_cell(s)
+    if s is not None and s.corrected_ratio is not None and s.corrected_low is not None and s.corrected_high is not None:
         text += f"; corrected {100 * s.corrected_ratio:.1f} [{100 * s.corrected_low:.1f}, {100 * s.corrected_high:.1f}]"
     return text
 

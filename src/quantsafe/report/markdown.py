@@ -20,7 +20,8 @@ from quantsafe.store.db import VariantRow
 BENCH_COLUMNS = [("xsafety", "XSafety"), ("opensafetymini", "OpenSafetyMini")]
 
 
-def _cell(s: ScoreRow | None) -> str:
+def ratio_cell(s: ScoreRow | None) -> str:
+    """A safety ratio with its interval, n, and Δ/McNemar against full precision (report.md and report.html)."""
     if s is None:
         return "–"
     text = f"{100 * s.safety_ratio:.2f} [{100 * s.ci_low:.1f}, {100 * s.ci_high:.1f}] (n={s.n})"
@@ -177,7 +178,7 @@ def render_report(
         else:
             out.append("_This judge was not measured against people: its numbers are unvalidated._")
         out.append("")
-        rows = [[v.model, v.precision, v.method] + [_cell(overall.get((v.variant_id, b, jid))) for b, _ in present]
+        rows = [[v.model, v.precision, v.method] + [ratio_cell(overall.get((v.variant_id, b, jid))) for b, _ in present]
                 for v in variants]
         out.append(table(["Model", "Precision", "Method"] + [label for _, label in present], rows))
         out.append("")
